@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="palm-rlhf",
+    version="0.1.0",
+    description="A minimal, readable and fast PyTorch library for training language models with human feedback",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=("tests", "benchmarks")),
+    python_requires=">=3.10",
+    install_requires=[
+        # any torch >= 2.1 works; pin torch==2.13.0 yourself on a CPU-only machine (see README)
+        "torch>=2.1",
+        "einops>=0.7",
+        "beartype",
+        "accelerate>=0.30",
+        "tqdm",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "matplotlib", "vaderSentiment==3.3.2"],
+    },
+    include_package_data=True,
+)
