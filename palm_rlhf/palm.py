@@ -1,0 +1,647 @@
+"""PaLM: a decoder-only transformer, as in Chowdhery et al. 2022 ("PaLM: Scaling Language Modeling
+with Pathways"), section 2. Each choice and where it comes from:
+
+- Parallel block: y = x + Attn(LN(x)) + FF(LN(x)), one fused input projection for q, k, v and the
+  feed-forward (PaLM 2, after GPT-J, Wang & Komatsuzaki 2021), one fused output projection.
+- SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer").
+- Rotary position embeddings (Su et al. 2021, RoFormer); xPos as an option (Sun et al. 2022,
+  "A Length-Extrapolatable Transformer").
+- Multi-query attention: one key/value head shared by all query heads (Shazeer 2019, "Fast
+  Transformer Decoding: One Write-Head is All You Need"), which makes the KV cache `heads` times smaller.
+- No biases anywhere, LayerNorm without bias (PaLM 2); input and output embeddings tied (optional).
+- Attention backends: `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
+  kernels, Dao et al. 2022), the `flash-attn` package on CUDA when installed, and a plain math path
+  that is the reference the others are tested against.
+
+On top of the base model, named fine-tune scopes (LoRA adapters or trainable copies of the last N
+layers) let one frozen PaLM serve as actor, critic, reward model and, with `disable_lora=True`, the
+frozen reference policy (Hydra-RLHF, Santacroce et al. 2023).
+
+Notation: b batch, n query length, m key length, h heads, d head dim, D model dim, v vocab.
+"""
+import copy
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from palm_rlhf.lora import LoRA
+from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID
+
+# ---------------------------------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class PaLMConfig:
+    num_tokens: int = NUM_TOKENS
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    rotary_xpos: bool = False
+    xpos_scale_base: int = 512
+    tie_embedding: bool = True
+    flash_attn: bool = True
+    pad_id: int = PAD_ID
+    # name -> {"lora_r": int, "lora_alpha": float} or {"last_n_layers": int}; saved so a checkpoint
+    # with adapters loads back with them
+    finetune_scopes: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "PaLMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown PaLM preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "tiny": dict(dim=64, depth=2, heads=4, dim_head=16),  # every test runs on this
+    "small": dict(dim=256, depth=6, heads=8, dim_head=32),  # CPU-trainable in minutes
+    "base": dict(dim=512, depth=6, heads=8, dim_head=64),  # the benchmark config
+    "medium": dict(dim=768, depth=12, heads=12, dim_head=64),
+    "large": dict(dim=1024, depth=24, heads=16, dim_head=64),
+}
+
+# ---------------------------------------------------------------------------------------------------
+# rotary embeddings (RoFormer eq. 34) with optional xPos decay
+
+
+def rotary_tables(positions: torch.Tensor, dim_head: int, xpos_scale_base: int | None, dtype):
+    """positions (b, n) -> cos, sin (b, 1, n, d) and xPos scale (b, 1, n, d) or None."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim_head, 2, device=positions.device).float() / dim_head))
+    freqs = positions.float()[..., None] * inv_freq  # (b, n, d/2)
+    freqs = torch.cat((freqs, freqs), dim=-1)  # (b, n, d)
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+    scale = None
+    if xpos_scale_base is not None:
+        # q is scaled by s^pos and k by s^-pos, so their product decays with the relative distance
+        base = (torch.arange(0, dim_head, 2, device=positions.device).float() + 0.4 * dim_head) / (1.4 * dim_head)
+        power = positions.float()[..., None] / xpos_scale_base
+        scale = torch.cat((base**power, base**power), dim=-1)[:, None]
+    return cos.to(dtype), sin.to(dtype), None if scale is None else scale.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin, scale=1.0):
+    return (x * cos + rotate_half(x) * sin) * scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention backends: all take q (b, h, n, d), k and v (b, 1, m, d), a boolean mask (b, 1, n, m)
+# or None for plain causal with n == m
+
+
+def attend_math(q, k, v, mask, dropout_p, training):
+    sim = torch.einsum("b h i d, b j d -> b h i j", q, k[:, 0]) * q.shape[-1] ** -0.5
+    if mask is None:
+        n, m = sim.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+    attn = F.dropout(sim.softmax(dim=-1), dropout_p, training)
+    return torch.einsum("b h i j, b j d -> b h i d", attn, v[:, 0])
+
+
+def attend_sdpa(q, k, v, mask, dropout_p, training):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p if training else 0.0, enable_gqa=True
+    )
+
+
+def attend_flash_attn(q, k, v, mask, dropout_p, training):
+    from flash_attn import flash_attn_func  # optional dependency, only reached on CUDA
+
+    # flash-attn wants (b, n, h, d); its causal mask is bottom-right aligned, which is what a
+    # KV-cached step needs; padding masks are not supported, so those calls go through SDPA
+    q, k, v = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p if training else 0.0, causal=True)
+    return rearrange(out, "b n h d -> b h n d")
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+_warned_flash_fallback = False
+
+
+def resolve_attn_backend(flash_attn: bool) -> str:
+    """'flash' (flash-attn package) > 'sdpa' > 'math'. flash_attn=True without CUDA falls back once, loudly."""
+    global _warned_flash_fallback
+    if not flash_attn:
+        return "math"
+    if flash_attn_available():
+        return "flash"
+    if not _warned_flash_fallback:
+        _warned_flash_fallback = True
+        where = "no CUDA device" if not torch.cuda.is_available() else "the flash-attn package is not installed"
+        warnings.warn(
+            f"flash_attn=True but {where}: using torch's scaled_dot_product_attention "
+            "(pip install palm-rlhf[flash] on a CUDA machine for the flash-attn kernels)"
+        )
+    return "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache: one key/value head per layer, preallocated so each decoding step writes in place
+
+
+class KVCache:
+    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, device, dtype):
+        self.k = torch.zeros(depth, batch, 1, max_len, dim_head, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Registers n new tokens' mask (b, n); returns their positions (b, n)."""
+        n = mask.shape[1]
+        self.key_mask[:, self.length : self.length + n] = mask
+        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
+        self.next_position = self.next_position + mask.long().sum(dim=1)
+        return positions.clamp(min=0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes this step's (b, 1, n, d) keys/values; returns all keys/values so far."""
+        n = k.shape[2]
+        self.k[layer, :, :, self.length : self.length + n] = k
+        self.v[layer, :, :, self.length : self.length + n] = v
+        end = self.length + n
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the parallel block
+
+
+class ParallelBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        attn_inner, ff_inner = heads * dim_head, dim * ff_mult
+        self.split_sizes = (attn_inner, dim_head, dim_head, 2 * ff_inner)  # q, k, v, SwiGLU
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.fused_in = nn.Linear(dim, sum(self.split_sizes), bias=False)
+        self.fused_out = nn.Linear(attn_inner + ff_inner, dim, bias=False)
+        self.attn_dropout, self.ff_dropout = attn_dropout, ff_dropout
+
+    def forward(self, x, rotary, mask, backend, lora=None, cache=None, layer=0):
+        b, n, _ = x.shape
+        normed = self.norm(x)
+        q, k, v, ff = self.fused_in(normed).split(self.split_sizes, dim=-1)
+        if lora is not None:
+            q, k, v = q + lora["q"](normed), k + lora["k"](normed), v + lora["v"](normed)
+
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+        k, v = k[:, None], v[:, None]  # (b, 1, n, d): one key/value head
+        cos, sin, xpos_scale = rotary
+        q = apply_rotary(q, cos, sin, 1.0 if xpos_scale is None else xpos_scale)
+        k = apply_rotary(k, cos, sin, 1.0 if xpos_scale is None else xpos_scale.reciprocal())
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (b, 1, m, d)
+
+        attend = ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
+        attn = attend(q, k, v, mask, self.attn_dropout, self.training)
+        attn = rearrange(attn, "b h n d -> b n (h d)")
+
+        ff_in, gate = ff.chunk(2, dim=-1)
+        ff_hidden = F.dropout(F.silu(gate) * ff_in, self.ff_dropout, self.training)  # SwiGLU
+        out = self.fused_out(torch.cat((attn, ff_hidden), dim=-1))
+        if lora is not None:
+            out = out + lora["o"](attn)
+        return x + out
+
+
+ATTEND = {"math": attend_math, "sdpa": attend_sdpa, "flash": attend_flash_attn}
+
+
+def attention_mask(key_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Causal mask over the last n of m keys, combined with a key padding mask (b, m): (b, 1, n, m).
+
+    None when nothing is padded and n == m, so the backends can use their fused causal kernels.
+    A query may always attend to itself, so the rows of padding queries are never empty (no NaN).
+    """
+    if key_mask is None:
+        return None
+    m = key_mask.shape[1]
+    causal = torch.ones(n, m, dtype=torch.bool, device=key_mask.device).tril(m - n)
+    itself = torch.eye(n, m, dtype=torch.bool, device=key_mask.device).roll(m - n, dims=1)
+    return (causal & key_mask[:, None, None, :]) | itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# PaLM
+
+
+class PaLM(nn.Module):
+    @beartype
+    def __init__(
+        self,
+        *,
+        num_tokens: int = NUM_TOKENS,
+        dim: int = 512,
+        depth: int = 6,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        rotary_xpos: bool = False,
+        xpos_scale_base: int = 512,
+        tie_embedding: bool = True,
+        flash_attn: bool = True,
+        pad_id: int = PAD_ID,
+        finetune_scopes: dict | None = None,
+    ):
+        super().__init__()
+        self.config = PaLMConfig(**{k: v for k, v in locals().items() if k in PaLMConfig.__dataclass_fields__})
+        self.config.finetune_scopes = {}
+        self.num_tokens, self.dim, self.pad_id = num_tokens, dim, pad_id
+        self.attn_backend = resolve_attn_backend(flash_attn)
+
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.layers = nn.ModuleList(
+            [ParallelBlock(dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        if tie_embedding:
+            self.to_logits.weight = self.token_emb.weight
+
+        self.finetune_modules = nn.ModuleDict()
+        for scope, spec in (finetune_scopes or {}).items():
+            self.add_finetune_params(scope, **spec)
+
+    @classmethod
+    def from_config(cls, config: PaLMConfig) -> "PaLM":
+        return cls(**asdict(config))
+
+    @property
+    def device(self):
+        return self.token_emb.weight.device
+
+    def set_dropout(self, dropout: float):
+        for layer in self.layers:
+            layer.attn_dropout = layer.ff_dropout = dropout
+
+    # --- fine-tune scopes -------------------------------------------------------------------------
+
+    def add_finetune_params(self, scope: str, lora_r: int | None = 8, lora_alpha: float | None = None,
+                            last_n_layers: int | None = None):
+        """Adds a named scope: LoRA adapters on q, k, v and the attention output of every layer, or,
+        with `last_n_layers=N`, trainable copies of the last N layers (the base stays frozen)."""
+        if scope in self.finetune_modules:
+            raise ValueError(f"fine-tune scope {scope!r} already exists")
+        if last_n_layers is not None:
+            if not 1 <= last_n_layers <= len(self.layers):
+                raise ValueError(f"last_n_layers must be in 1..{len(self.layers)}, got {last_n_layers}")
+            self.finetune_modules[scope] = copy.deepcopy(self.layers[-last_n_layers:]).requires_grad_(True)
+            self.config.finetune_scopes[scope] = {"last_n_layers": last_n_layers}
+            return
+        c = self.config
+        attn_inner = c.heads * c.dim_head
+        self.finetune_modules[scope] = nn.ModuleList(
+            nn.ModuleDict(dict(
+                q=LoRA(c.dim, attn_inner, lora_r, lora_alpha),
+                k=LoRA(c.dim, c.dim_head, lora_r, lora_alpha),
+                v=LoRA(c.dim, c.dim_head, lora_r, lora_alpha),
+                o=LoRA(attn_inner, c.dim, lora_r, lora_alpha),
+            ))
+            for _ in self.layers
+        ).to(self.device)
+        self.config.finetune_scopes[scope] = {"lora_r": lora_r, "lora_alpha": lora_alpha}
+
+    def remove_finetune_params(self, scope: str):
+        self.finetune_modules.pop(self._check_scope(scope))
+        self.config.finetune_scopes.pop(scope)
+
+    def finetune_parameters(self, scope: str = "default"):
+        return list(self.finetune_modules[self._check_scope(scope)].parameters())
+
+    def finetune_only(self, *scopes: str):
+        """Freezes everything but the named scopes, so backward computes no gradient for the base."""
+        self.requires_grad_(False)
+        for scope in scopes:
+            self.finetune_modules[self._check_scope(scope)].requires_grad_(True)
+        return self
+
+    @torch.no_grad()
+    def merge_finetune_params(self, scope: str):
+        """Folds a scope into the base weights and removes it: the merged model needs no adapters."""
+        modules = self.finetune_modules[self._check_scope(scope)]
+        if "last_n_layers" in self.config.finetune_scopes[scope]:
+            for base, tuned in zip(self.layers[-len(modules):], modules):
+                base.load_state_dict(tuned.state_dict())
+        else:
+            c = self.config
+            q_end, k_end, v_end = c.heads * c.dim_head, c.heads * c.dim_head + c.dim_head, c.heads * c.dim_head + 2 * c.dim_head
+            for layer, lora in zip(self.layers, modules):
+                w_in = layer.fused_in.weight
+                w_in[:q_end] += lora["q"].delta_weight()
+                w_in[q_end:k_end] += lora["k"].delta_weight()
+                w_in[k_end:v_end] += lora["v"].delta_weight()
+                layer.fused_out.weight[:, :q_end] += lora["o"].delta_weight()
+        self.remove_finetune_params(scope)
+
+    def _check_scope(self, scope):
+        if scope not in self.finetune_modules:
+            raise KeyError(f"no fine-tune scope {scope!r}; this model has {list(self.finetune_modules)}")
+        return scope
+
+    def _layers_and_adapters(self, finetune_scope, disable_lora):
+        """Per layer, (block, LoRA adapters or None) for the chosen scope."""
+        if finetune_scope is None or disable_lora:
+            return [(layer, None) for layer in self.layers]
+        modules = self.finetune_modules[self._check_scope(finetune_scope)]
+        if "last_n_layers" in self.config.finetune_scopes[finetune_scope]:
+            return [(layer, None) for layer in self.layers[: len(self.layers) - len(modules)]] + [
+                (layer, None) for layer in modules
+            ]
+        return list(zip(self.layers, modules))
+
+    # --- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_loss: bool = False,
+        mask: torch.Tensor | None = None,
+        finetune_scope: str | None = None,
+        disable_lora: bool = False,
+        return_only_embedding: bool = False,
+        extra_embed: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ):
+        """x (b, n) token ids; mask (b, n) True for real tokens (any padding, positions follow the mask).
+
+        Returns logits (b, n, v); the final embeddings (b, n, D) with `return_only_embedding`; or,
+        with `return_loss`, the mean next-token cross-entropy of x[:, 1:] given x[:, :-1] (PAD targets
+        and masked targets ignored).
+        """
+        if return_loss:
+            inputs, targets = x[:, :-1], x[:, 1:]
+            if mask is not None:
+                targets = targets.masked_fill(~mask[:, 1:], self.pad_id)
+                mask = mask[:, :-1]
+            logits = self(inputs, mask=mask, finetune_scope=finetune_scope, disable_lora=disable_lora,
+                          extra_embed=extra_embed)
+            return F.cross_entropy(rearrange(logits, "b n v -> b v n"), targets, ignore_index=self.pad_id)
+
+        if cache is None:
+            self._check_token_ids(x)
+        n = x.shape[1]
+        if cache is not None:
+            positions = cache.append_mask(mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
+            key_mask = cache.key_mask[:, : cache.length + n]
+            # a prefill with no padding keeps the fused causal kernels; later steps need the mask
+            attn_mask = None if cache.length == 0 and bool(key_mask.all()) else attention_mask(key_mask, n)
+        elif mask is not None:
+            positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            attn_mask = attention_mask(mask, n)
+        else:
+            positions = torch.arange(n, device=x.device).expand(x.shape[0], n)
+            attn_mask = None
+
+        h = self.token_emb(x)
+        if extra_embed is not None:
+            h = h + extra_embed
+        c = self.config
+        rotary = rotary_tables(positions, c.dim_head, c.xpos_scale_base if c.rotary_xpos else None, h.dtype)
+        for i, (layer, lora) in enumerate(self._layers_and_adapters(finetune_scope, disable_lora)):
+            h = layer(h, rotary, attn_mask, self.attn_backend, lora=lora, cache=cache, layer=i)
+        if cache is not None:
+            cache.length += n
+
+        h = self.norm(h)
+        if return_only_embedding:
+            return h
+        return self.to_logits(h)
+
+    def _check_token_ids(self, x):
+        if x.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"token ids must be an integer tensor, got {x.dtype}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+            raise ValueError(
+                f"token ids must be in [0, {self.num_tokens}); got min {int(x.min())}, max {int(x.max())}"
+            )
+
+    # --- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seq_len: int,
+        prompt=None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token: int | None = None,
+        use_cache: bool = True,
+        return_log_probs: bool = False,
+        return_seq_without_prompt: bool = True,
+        finetune_scope: str | None = None,
+        disable_lora: bool = False,
+        prompt_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
+
+        prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or
+        (b, n) with `prompt_mask` marking its real tokens. temperature 0 is greedy.
+        Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
+        `return_log_probs`, also their log-probs under softmax(logits / temperature) (the policy that
+        PPO optimises; top-k/top-p only restrict what is sampled), 0 at PAD.
+        """
+        was_training = self.training
+        self.eval()
+        prompt, prompt_mask, unbatched = self._prepare_prompt(prompt, prompt_mask)
+        b, n = prompt.shape
+        num_new = seq_len - n
+        if num_new < 1:
+            raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({n})")
+        scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
+
+        cache = None
+        if use_cache:
+            cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device, self.token_emb.weight.dtype)
+            logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
+        else:
+            seq, seq_mask = prompt, prompt_mask
+            logits = self(seq, mask=seq_mask, **scope)[:, -1]
+
+        tokens = torch.full((b, num_new), self.pad_id, dtype=torch.long, device=self.device)
+        log_probs = torch.zeros(b, num_new, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for t in range(num_new):
+            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator)
+            tokens[:, t] = token.masked_fill(done, self.pad_id)
+            log_probs[:, t] = log_prob.masked_fill(done, 0.0)
+            if eos_token is not None:
+                done = done | (token == eos_token)
+                if bool(done.all()):
+                    break
+            if t == num_new - 1:
+                break
+            step = tokens[:, t : t + 1]
+            if use_cache:
+                logits = self(step, cache=cache, **scope)[:, -1]
+            else:
+                seq = torch.cat((seq, step), dim=1)
+                seq_mask = torch.cat((seq_mask, torch.ones_like(step, dtype=torch.bool)), dim=1)
+                logits = self(seq, mask=seq_mask, **scope)[:, -1]
+
+        self.train(was_training)
+        if not return_seq_without_prompt:
+            tokens = torch.cat((prompt, tokens), dim=1)
+        if unbatched:
+            tokens, log_probs = tokens[0], log_probs[0]
+        return (tokens, log_probs) if return_log_probs else tokens
+
+    def _prepare_prompt(self, prompt, prompt_mask):
+        """-> left-padded prompt (b, n), its mask (b, n), whether the caller passed one sequence."""
+        if prompt is None:
+            prompt = torch.randint(0, min(256, self.num_tokens), (1, 1))
+        if isinstance(prompt, (list, tuple)):
+            if prompt_mask is not None:
+                raise ValueError("prompt_mask is for a (b, n) prompt tensor, not a list of prompts")
+            prompt, prompt_mask = left_pad(list(prompt), self.pad_id)
+            return prompt.to(self.device), prompt_mask.to(self.device), False
+        unbatched = prompt.ndim == 1
+        if unbatched:
+            prompt = prompt[None]
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+        elif unbatched:
+            prompt_mask = prompt_mask[None]
+        return prompt.to(self.device), prompt_mask.to(self.device), unbatched
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Safetensors weights with the config in their metadata. A directory gets model.safetensors
+        and a readable config.json (what `from_pretrained` reads); a file path gets one file."""
+        path = Path(path)
+        config_json = json.dumps(asdict(self.config))
+        if path.suffix not in (".safetensors", ".pt", ".bin"):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            path = path / "model.safetensors"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(path), metadata={"palm_config": config_json})
+
+    def load(self, path, strict: bool = True):
+        """Loads weights saved by `save` into this model; a checkpoint of another shape fails with a
+        message naming each mismatch."""
+        path = weights_path(path)
+        saved = read_saved_config(path)
+        if saved is not None:
+            mine = asdict(self.config)
+            mismatched = [f"{k}: checkpoint {saved[k]!r}, model {mine[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != mine[k]]
+            if saved.get("finetune_scopes", {}) != mine["finetune_scopes"]:
+                mismatched.append(f"finetune_scopes: checkpoint {saved.get('finetune_scopes')}, model {mine['finetune_scopes']}")
+            if mismatched:
+                raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(mismatched))
+        with safe_open(str(path), "pt") as f:
+            own = self.state_dict()
+            bad = [f"{k}: checkpoint {tuple(f.get_slice(k).get_shape())}, model {tuple(own[k].shape)}"
+                   for k in f.keys() if k in own and tuple(f.get_slice(k).get_shape()) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(bad))
+        load_model(self, str(path), strict=strict, device=str(self.device))
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "PaLM":
+        """Builds the model a checkpoint describes (its config.json or metadata) and loads it."""
+        saved = read_saved_config(weights_path(path))
+        if saved is None:
+            raise ValueError(f"{path} holds no PaLM config; was it written by PaLM.save?")
+        known = {f.name for f in fields(PaLMConfig)}
+        model = cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+        return model.load(path)
+
+
+SHAPE_FIELDS = ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "tie_embedding")
+
+
+def weights_path(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def read_saved_config(path: Path) -> dict | None:
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "palm_config" in metadata:
+        return json.loads(metadata["palm_config"])
+    config_file = path.parent / "config.json"
+    return json.loads(config_file.read_text()) if config_file.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling helpers
+
+
+def left_pad(sequences: list[torch.Tensor], pad_id: int):
+    """list of 1-D tensors -> (b, n) left-padded tensor and its mask, True at real tokens."""
+    n = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), n, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        if len(s):
+            out[i, n - len(s):] = s
+            mask[i, n - len(s):] = True
+    return out, mask
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keeps the k most likely tokens and/or the smallest set whose probability reaches p
+    (nucleus sampling, Holtzman et al. 2020); the rest get -inf."""
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits, temperature, top_k, top_p, generator=None):
+    """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,)."""
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+        return token, logits.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
+    scaled = logits / temperature
+    filtered = top_k_top_p_filter(scaled, top_k, top_p)
+    token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return token, scaled.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
