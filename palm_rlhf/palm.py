@@ -439,6 +439,15 @@ class PaLM(nn.Module):
             return h
         return self.to_logits(h)
 
+    def log_probs(self, seq: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0,
+                  finetune_scope: str | None = None, disable_lora: bool = False) -> torch.Tensor:
+        """Log-prob of each token seq[:, 1:] given its prefix, under softmax(logits / temperature):
+        (b, n - 1). PPO and DPO score responses with this, at the temperature they sampled with."""
+        logits = self(seq[:, :-1], mask=None if mask is None else mask[:, :-1],
+                      finetune_scope=finetune_scope, disable_lora=disable_lora)
+        log_probs = (logits.float() / temperature).log_softmax(dim=-1)
+        return log_probs.gather(-1, seq[:, 1:, None]).squeeze(-1)
+
     def _check_token_ids(self, x):
         if x.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"token ids must be an integer tensor, got {x.dtype}")
