@@ -1,0 +1,206 @@
+import pytest
+import torch
+
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.palm import attention_mask, top_k_top_p_filter
+from palm_rlhf.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return PaLM.from_config(PaLMConfig.from_name("tiny", **overrides))
+
+
+@pytest.fixture
+def palm():
+    return tiny()
+
+
+def test_logits_shape_and_loss_is_next_token_cross_entropy(palm):
+    x = torch.randint(0, 256, (2, 10))
+    logits = palm(x)
+    assert logits.shape == (2, 10, palm.num_tokens)
+    expected = torch.nn.functional.cross_entropy(palm(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(palm(x, return_loss=True), expected)
+
+
+def test_loss_ignores_pad_targets(palm):
+    x = torch.randint(0, 256, (1, 10))
+    padded = torch.cat((x, torch.full((1, 4), PAD_ID)), dim=1)
+    torch.testing.assert_close(palm(padded, return_loss=True), palm(x, return_loss=True))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_causal_a_future_token_never_changes_past_logits(palm, backend):
+    palm.attn_backend = backend
+    x = torch.randint(0, 256, (1, 12))
+    changed = x.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % 256
+    torch.testing.assert_close(palm(x)[:, :7], palm(changed)[:, :7])
+    assert not torch.allclose(palm(x)[:, 7:], palm(changed)[:, 7:])
+
+
+@pytest.mark.parametrize("xpos", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_equals_math_values_and_gradients(xpos, padded):
+    palm = tiny(rotary_xpos=xpos).double()  # float64 so that the comparison can be tight
+    x = torch.randint(0, 256, (3, 16))
+    mask = None
+    if padded:
+        mask = torch.ones(3, 16, dtype=torch.bool)
+        mask[0, :5] = False  # left padding
+        mask[1, 11:] = False  # right padding
+    results = {}
+    for backend in ("math", "sdpa"):
+        palm.zero_grad()
+        palm.attn_backend = backend
+        logits = palm(x, mask=mask)
+        (logits * mask[..., None] if padded else logits).sum().backward()
+        results[backend] = (logits.detach(), [p.grad.clone() for p in palm.parameters()])
+    torch.testing.assert_close(results["math"][0], results["sdpa"][0], atol=1e-10, rtol=1e-9)
+    for g_math, g_sdpa in zip(results["math"][1], results["sdpa"][1]):
+        torch.testing.assert_close(g_math, g_sdpa, atol=1e-10, rtol=1e-9)
+
+
+def test_padding_does_not_change_real_tokens_logits(palm):
+    x = torch.randint(0, 256, (1, 9))
+    padded = torch.cat((torch.full((1, 4), PAD_ID), x), dim=1)
+    mask = padded != PAD_ID
+    torch.testing.assert_close(palm(padded, mask=mask)[:, 4:], palm(x), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_mask_rows_are_never_empty():
+    key_mask = torch.tensor([[False, False, True, True]])
+    mask = attention_mask(key_mask, 4)
+    assert mask.any(dim=-1).all()
+    assert mask[0, 0, 3].tolist() == [False, False, True, True]  # the last query sees only real keys
+
+
+def test_cached_greedy_generation_equals_uncached(palm):
+    prompt = torch.randint(0, 256, (3, 6))
+    cached = palm.generate(40, prompt=prompt, temperature=0.0)
+    uncached = palm.generate(40, prompt=prompt, temperature=0.0, use_cache=False)
+    assert cached.shape == (3, 34)
+    assert torch.equal(cached, uncached)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(palm):
+    prompts = [torch.randint(0, 256, (n,)) for n in (2, 9, 5)]
+    batched = palm.generate(25, prompt=prompts, temperature=0.0)
+    num_new = 25 - max(len(p) for p in prompts)
+    for row, prompt in zip(batched, prompts):
+        alone = palm.generate(len(prompt) + num_new, prompt=prompt, temperature=0.0)
+        assert torch.equal(alone, row)
+
+
+def test_generation_stops_at_eos_per_sequence_and_pads_after(palm):
+    prompt = torch.tensor([[97, 97], [98, 98]])
+    free = palm.generate(12, prompt=prompt, temperature=0.0)
+    eos = int(free[0, 3])  # the greedy 4th token of row 0 plays EOS: row 0 must stop there
+    out = palm.generate(12, prompt=prompt, temperature=0.0, eos_token=eos)
+    first_eos = (free[0] == eos).nonzero()[0, 0]
+    assert torch.equal(out[0, : first_eos + 1], free[0, : first_eos + 1])
+    assert (out[0, first_eos + 1 :] == PAD_ID).all()
+    row1_eos = (free[1] == eos).nonzero()
+    row1_stop = int(row1_eos[0, 0]) + 1 if len(row1_eos) else free.shape[1]
+    assert torch.equal(out[1, :row1_stop], free[1, :row1_stop])  # the other row goes on
+
+
+def test_returned_log_probs_match_a_forward_pass_at_the_sampling_temperature(palm):
+    prompt = torch.randint(0, 256, (2, 4))
+    tokens, log_probs = palm.generate(20, prompt=prompt, temperature=0.7, return_log_probs=True)
+    seq = torch.cat((prompt, tokens), dim=1)
+    expected = palm.log_probs(seq, temperature=0.7)[:, 3:]
+    torch.testing.assert_close(log_probs, expected.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(top_k_top_p_filter(logits, 2, None)).tolist() == [[False, False, True, True]]
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert torch.isinf(top_k_top_p_filter(logits, None, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_k_top_p_filter(logits, None, 0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_sampling_is_reproducible_with_a_generator(palm):
+    prompt = torch.randint(0, 256, (2, 3))
+    a = palm.generate(20, prompt=prompt, generator=torch.Generator().manual_seed(1), top_p=0.9)
+    b = palm.generate(20, prompt=prompt, generator=torch.Generator().manual_seed(1), top_p=0.9)
+    assert torch.equal(a, b)
+
+
+def test_out_of_range_token_ids_give_a_clear_error(palm):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 258\)"):
+        palm(torch.tensor([[1, 2, 258]]))
+    with pytest.raises(ValueError, match="must be in"):
+        palm(torch.tensor([[-1, 2]]))
+    with pytest.raises(TypeError, match="integer"):
+        palm(torch.rand(1, 3))
+
+
+def test_generate_rejects_a_seq_len_shorter_than_the_prompt(palm):
+    with pytest.raises(ValueError, match="must exceed the prompt length"):
+        palm.generate(4, prompt=torch.randint(0, 256, (1, 6)))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="tiny"):
+        PaLMConfig.from_name("huge-ish")
+
+
+def test_save_load_round_trips_bit_for_bit(tmp_path, palm):
+    palm.add_finetune_params("actor", lora_r=4)
+    with torch.no_grad():
+        for p in palm.finetune_parameters("actor"):
+            p.normal_()
+    palm.save(tmp_path / "ckpt")
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt")
+    mine, theirs = palm.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.equal(palm(x, finetune_scope="actor"), loaded(x, finetune_scope="actor"))
+    assert loaded.to_logits.weight is loaded.token_emb.weight  # tying survives the round trip
+
+
+def test_save_to_a_single_file_carries_its_config(tmp_path, palm):
+    palm.save(tmp_path / "palm.safetensors")
+    loaded = PaLM.from_pretrained(tmp_path / "palm.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(palm.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_loading_a_mismatched_checkpoint_names_the_mismatch(tmp_path, palm):
+    palm.save(tmp_path / "ckpt")
+    other = PaLM.from_config(PaLMConfig.from_name("tiny", dim=32))
+    with pytest.raises(ValueError, match="dim: checkpoint 64, model 32"):
+        other.load(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        other.load(tmp_path / "missing")
+
+
+def test_tiny_model_learns_a_repeated_pattern():
+    palm = tiny()
+    pattern = ByteTokenizer().encode("abcabdabe" * 8)[None]
+    optimizer = torch.optim.AdamW(palm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = palm(pattern, return_loss=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_flash_attn_without_cuda_falls_back_and_says_so_once(recwarn):
+    import palm_rlhf.palm as palm_module
+
+    palm_module._warned_flash_fallback = False
+    first = PaLM.from_config(PaLMConfig.from_name("tiny", flash_attn=True))
+    PaLM.from_config(PaLMConfig.from_name("tiny", flash_attn=True))
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: no fallback")
+    assert first.attn_backend == "sdpa"
+    assert sum("flash_attn=True" in str(w.message) for w in recwarn) == 1
+    first(torch.randint(0, 256, (1, 5)))
