@@ -1,0 +1,66 @@
+"""Answers out as the JSONL that train_reward.py (ratings) and DPO (pairs) read, and strict readers.
+
+ratings: {"prompt": str, "response": str, "rating": int in 1..K}, one line per rater's answer, so an
+         item judged by three raters gives three lines (the reward model sees their disagreement).
+pairs:   {"prompt": str, "chosen": str, "rejected": str}; ties and skips carry no preference and
+         are left out.
+"""
+import json
+from pathlib import Path
+
+from .models import Answer, Item
+
+RATING_KEYS = {"prompt", "response", "rating"}
+PAIR_KEYS = {"prompt", "chosen", "rejected"}
+
+
+def answered(kind: str):
+    return (
+        Answer.objects.filter(item__kind=kind, answered_at__isnull=False)
+        .select_related("item__prompt", "item__first", "item__second")
+        .order_by("id")
+    )
+
+
+def rating_records():
+    for answer in answered(Item.RATE):
+        yield {"prompt": answer.item.prompt.text, "response": answer.item.first.text, "rating": answer.rating}
+
+
+def pair_records():
+    for answer in answered(Item.COMPARE).filter(choice__in=["a", "b"]):
+        a, b = answer.item.first.text, answer.item.second.text
+        chosen, rejected = (a, b) if answer.choice == "a" else (b, a)
+        yield {"prompt": answer.item.prompt.text, "chosen": chosen, "rejected": rejected}
+
+
+def jsonl_lines(records):
+    for record in records:
+        yield json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(records, path) -> int:
+    lines = list(jsonl_lines(records))
+    Path(path).write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def _read(path, keys: set, check) -> list[dict]:
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        record = json.loads(line)
+        if set(record) != keys or not all(isinstance(record[k], str) for k in keys - {"rating"}) or not check(record):
+            raise ValueError(f"{path}:{number}: not a valid record: {line[:120]}")
+        records.append(record)
+    return records
+
+
+def read_ratings(path, num_bins: int) -> list[dict]:
+    def in_range(r):
+        return type(r["rating"]) is int and 1 <= r["rating"] <= num_bins
+
+    return _read(path, RATING_KEYS, in_range)
+
+
+def read_pairs(path) -> list[dict]:
+    return _read(path, PAIR_KEYS, lambda r: True)

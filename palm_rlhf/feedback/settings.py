@@ -1,0 +1,121 @@
+"""Django settings for the feedback app, read from the environment so one command can start it.
+
+- PALM_RLHF_FEEDBACK_DIR: folder for the SQLite database and the generated secret key
+  (default ./feedback_data).
+- DATABASE_URL: any database Django supports, e.g. postgres://user:pw@host:5432/name;
+  default sqlite:///<PALM_RLHF_FEEDBACK_DIR>/db.sqlite3.
+- PALM_RLHF_FEEDBACK_SECRET_KEY: the secret key; otherwise one is made once and kept in the folder.
+- PALM_RLHF_FEEDBACK_HOSTS: comma-separated host names the server answers to.
+- PALM_RLHF_FEEDBACK_DEBUG=1: Django's debug pages, never on a server others can reach.
+"""
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+APP_DIR = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("PALM_RLHF_FEEDBACK_DIR", "feedback_data")).resolve()
+
+ENGINES = {
+    "sqlite": "django.db.backends.sqlite3",
+    "postgres": "django.db.backends.postgresql",
+    "postgresql": "django.db.backends.postgresql",
+    "mysql": "django.db.backends.mysql",
+    "oracle": "django.db.backends.oracle",
+}
+
+# Many raters write at once. WAL lets readers run beside the writer; IMMEDIATE makes every
+# transaction take the write lock when it begins, so two transactions never deadlock upgrading a
+# read lock (which SQLite answers with an instant "database is locked"); they queue for `timeout`.
+# synchronous=NORMAL is safe in WAL mode against a crash of the process, not of the machine.
+SQLITE_OPTIONS = {
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 30,
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+}
+
+
+def database_from_url(url: str) -> dict:
+    """A Django DATABASES entry from a URL: sqlite:///relative.db, sqlite:////abs.db, postgres://..."""
+    parts = urlsplit(url)
+    if parts.scheme not in ENGINES:
+        raise ValueError(f"DATABASE_URL scheme {parts.scheme!r} is not one of {sorted(ENGINES)}")
+    if parts.scheme == "sqlite":
+        return {"ENGINE": ENGINES["sqlite"], "NAME": unquote(parts.path[1:]), "OPTIONS": dict(SQLITE_OPTIONS)}
+    return {
+        "ENGINE": ENGINES[parts.scheme],
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+    }
+
+
+def secret_key() -> str:
+    if "PALM_RLHF_FEEDBACK_SECRET_KEY" in os.environ:
+        return os.environ["PALM_RLHF_FEEDBACK_SECRET_KEY"]
+    # kept on disk so sessions and invite links survive a restart
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = secret_key()
+DEBUG = os.environ.get("PALM_RLHF_FEEDBACK_DEBUG") == "1"
+ALLOWED_HOSTS = os.environ.get("PALM_RLHF_FEEDBACK_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "palm_rlhf.feedback.apps.FeedbackConfig",
+]
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+ROOT_URLCONF = "palm_rlhf.feedback.urls"
+WSGI_APPLICATION = "palm_rlhf.feedback.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DATABASES = {"default": database_from_url(os.environ.get("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+STATIC_URL = "static/"
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en"
+
+# An item handed to a rater is held for them this long; after that an unanswered hand-out no
+# longer counts against the item's overlap, so a rater who walks away does not block it forever.
+FEEDBACK_LEASE_SECONDS = int(os.environ.get("PALM_RLHF_FEEDBACK_LEASE_SECONDS", 30 * 60))
