@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import types
 import typing
 from pathlib import Path
@@ -205,6 +206,26 @@ def check_finite(loss, step: int, hint: str = None) -> None:
     if not math.isfinite(value):
         message = f"loss is {value} at step {step}"
         raise RuntimeError(f"{message}; {hint}" if hint else message)
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM asks the training loop to stop at the next step boundary, where the state
+    is consistent, so the checkpoint it saves then loses nothing. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._request)
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def requested_on_any(self, accelerator) -> bool:
+        """Whether any process was asked to stop; all processes get the same answer, so they stop together."""
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum") > 0)
 
 
 # metrics

@@ -1,0 +1,185 @@
+"""Stage 1: pretrain PaLM on real text (WikiText-2 and movie-review snippets by default).
+
+    python train_lm.py                                # the default run, ~20 min on 2 CPU cores
+    accelerate launch --num_processes 2 train_lm.py   # same script on N processes / GPUs
+    python train_lm.py --resume                       # continue a killed run where it stopped
+
+Leaves runs/lm/final (PaLM.from_pretrained), which train_reward.py, train_ppo.py and train_dpo.py
+load. Byte-level tokens; validation bits per byte count the EOS separating documents as a byte.
+"""
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from palm_rlhf import EOS_ID, ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.data import DEFAULT_CORPUS, TokenWindows, corpus_token_file
+from palm_rlhf.training import (
+    GracefulStop,
+    MetricsLogger,
+    available_trackers,
+    check_finite,
+    checkpoint_exists,
+    init_trackers,
+    load_checkpoint,
+    lr_lambda_warmup_cosine,
+    parse_config,
+    plot_metrics,
+    save_checkpoint,
+    set_seed,
+)
+
+
+@dataclass
+class TrainLMConfig:
+    """Pretrain PaLM on real text shipped offline; checkpoints resume; metrics go to CSV and a plot."""
+
+    corpus: str = field(default=DEFAULT_CORPUS, metadata={"help": "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews) or a .txt/.jsonl path"})
+    preset: str = field(default="small", metadata={"help": "model size: tiny, small, base, medium, large"})
+    seq_len: int = field(default=256, metadata={"help": "tokens (bytes) per training window"})
+    batch_size: int = field(default=16, metadata={"help": "windows per process per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    eval_every: int = field(default=50, metadata={"help": "steps between validation runs"})
+    eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
+    sample_every: int = field(default=200, metadata={"help": "steps between generated samples"})
+    sample_prompt: str = field(default="The movie is", metadata={"help": "prompt of the logged samples"})
+    sample_len: int = field(default=160, metadata={"help": "bytes per logged sample, prompt included"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    out_dir: str = field(default="runs/lm", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
+    seed: int = field(default=0, metadata={"help": "seed for weights, data windows and sampling"})
+    cache_dir: str | None = field(default=None, metadata={"help": "where token files are cached (default ~/.cache/palm_rlhf)"})
+
+
+def evaluate(palm, windows, cfg, accelerator) -> float:
+    """Mean validation loss over fixed windows, the same ones at every evaluation."""
+    palm.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(cfg.eval_batches):
+            batch = windows.batch(cfg.batch_size, step=i, seed=cfg.seed + 1, rank=accelerator.process_index)
+            losses.append(palm(batch.to(accelerator.device), return_loss=True))
+    palm.train()
+    return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+
+
+def sample_text(palm, cfg, tokenizer) -> str:
+    prompt = torch.cat((torch.tensor([EOS_ID]), tokenizer.encode(cfg.sample_prompt)))
+    generator = torch.Generator(device=palm.device).manual_seed(cfg.seed)
+    tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=EOS_ID,
+                           generator=generator)
+    return cfg.sample_prompt + tokenizer.decode(tokens)
+
+
+def parameter_checksum(palm) -> float:
+    return sum(float(p.detach().double().sum()) for p in palm.parameters())
+
+
+def build_optimizer(palm, cfg):
+    # decay matrices only: norms' gains and (tied) embeddings are left alone, as in nanoGPT
+    decay = [p for n, p in palm.named_parameters() if p.ndim >= 2 and "token_emb" not in n]
+    no_decay = [p for n, p in palm.named_parameters() if p.ndim < 2 or "token_emb" in n]
+    return torch.optim.AdamW(
+        [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+
+
+def train(cfg: TrainLMConfig):
+    out_dir = Path(cfg.out_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              log_with=available_trackers(), project_dir=str(out_dir))
+    set_seed(cfg.seed)
+    tokenizer = ByteTokenizer()
+    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+        train_windows = TokenWindows(corpus_token_file(cfg.corpus, "train", tokenizer, cfg.cache_dir), cfg.seq_len)
+        valid_windows = TokenWindows(corpus_token_file(cfg.corpus, "valid", tokenizer, cfg.cache_dir), cfg.seq_len)
+
+    palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset, num_tokens=tokenizer.num_tokens))
+    optimizer = build_optimizer(palm, cfg)
+    # not handed to accelerator.prepare, which would step it once per process: the schedule counts
+    # optimizer steps, whatever the number of processes
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    checkpoint_dir = out_dir / "checkpoint"
+    start_step = 0
+    if cfg.resume:
+        if not checkpoint_exists(checkpoint_dir):
+            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
+        start_step = load_checkpoint(checkpoint_dir, model=palm, optimizer=optimizer, scheduler=scheduler)["step"]
+    palm, optimizer = accelerator.prepare(palm, optimizer)
+    unwrapped = accelerator.unwrap_model(palm)
+    init_trackers(accelerator, "palm_rlhf_lm", asdict(cfg))
+    metrics = MetricsLogger(out_dir, accelerator)
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=palm, optimizer=optimizer,
+                        scheduler=scheduler, step=step, config=asdict(unwrapped.config),
+                        extra=dict(train_config=asdict(cfg)))
+
+    n_params = sum(p.numel() for p in unwrapped.parameters())
+    accelerator.print(f"PaLM {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_windows) / 1e6:.1f}M training tokens, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_lm",
+                    disable=not accelerator.is_main_process)
+    stop = GracefulStop()
+    for step in progress:
+        started = time.perf_counter()
+        for micro in range(cfg.grad_accum):
+            with accelerator.accumulate(palm):
+                batch = train_windows.batch(cfg.batch_size, step=step * cfg.grad_accum + micro, seed=cfg.seed,
+                                            rank=accelerator.process_index)
+                loss = palm(batch.to(accelerator.device), return_loss=True)
+                mean_loss = accelerator.reduce(loss.detach(), "mean")
+                check_finite(mean_loss, step, hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
+                accelerator.backward(loss)  # Accelerate divides by grad_accum here
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(palm.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+        metrics.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_s)
+        progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
+
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val_loss = evaluate(palm, valid_windows, cfg, accelerator)
+            metrics.log(done, val_loss=val_loss, val_bpb=val_loss / math.log(2))
+            progress.write(f"step {done}: val loss {val_loss:.4f}, {val_loss / math.log(2):.3f} bits/byte")
+        if accelerator.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
+            progress.write(f"step {done} sample: {sample_text(unwrapped, cfg, tokenizer)!r}")
+        if stop.requested_on_any(accelerator):
+            save(done)
+            accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")
+            sys.exit(130)
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save(done)
+
+    checksums = gather_object([parameter_checksum(unwrapped)])
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"parameters differ across processes: {checksums}")
+    accelerator.print(f"parameters identical across {accelerator.num_processes} process(es)")
+    save(cfg.steps)
+    if accelerator.is_main_process:
+        unwrapped.save(out_dir / "final")
+        plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
+        print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    train(parse_config(TrainLMConfig))
