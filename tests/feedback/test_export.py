@@ -1,0 +1,121 @@
+"""Export round trips: answers in the database -> JSONL -> the readers train_reward.py and DPO use."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("django", reason="the feedback app needs: pip install 'palm-rlhf[feedback]'")
+pytest.importorskip("pytest_django", reason="the feedback tests need pytest-django")
+
+from palm_rlhf import data  # noqa: E402
+from palm_rlhf.feedback.export import pair_records, rating_records, read_pairs, read_ratings, write_jsonl  # noqa: E402
+from palm_rlhf.feedback.tasks import import_jsonl, read_prompts, read_responses  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.django_db
+
+
+def answer_all(client, page, values):
+    """Answer every item a page hands out, cycling through `values`; returns how many."""
+    count = 0
+    while match := re.search(r'action="/answer/(\d+)/"', client.get(page).content.decode()):
+        field = "rating" if page == "/rate/" else "choice"
+        assert client.post(f"/answer/{match.group(1)}/", {field: values[count % len(values)]}).status_code == 302
+        count += 1
+    return count
+
+
+def test_export_round_trip(client_for, make_items, tmp_path):
+    make_items(prompts=2, responses=3, num_bins=5)  # 6 rating items, 6 comparison items
+    ann = client_for("ann")
+    assert answer_all(ann, "/rate/", ["1", "5", "3"]) == 6
+    assert answer_all(ann, "/compare/", ["a", "b", "tie", "skip"]) == 6
+
+    boss = client_for("boss", staff=True)
+    downloaded = tmp_path / "ratings.jsonl"
+    downloaded.write_bytes(b"".join(boss.get("/export/ratings.jsonl").streaming_content))
+    ratings = read_ratings(downloaded, num_bins=5)
+    assert sorted(r["rating"] for r in ratings) == [1, 1, 3, 3, 5, 5]
+    assert all(re.fullmatch(r"response (\d)\.\d", r["response"]).group(1) == r["prompt"][-1] for r in ratings)
+    assert data.read_ratings(downloaded) == ratings  # the project's own reader agrees
+
+    assert write_jsonl(pair_records(), tmp_path / "pairs.jsonl") == 4  # a, b, tie, skip, a, b: ties and skips dropped
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
+    assert data.read_pairs(tmp_path / "pairs.jsonl") == pairs
+    assert all(p["chosen"] != p["rejected"] and p["prompt"][-1] == p["chosen"][9] for p in pairs)
+
+
+def test_pairs_follow_the_choice(client_for, make_items):
+    make_items(prompts=1, responses=2)
+    client = client_for("ann")
+    item_html = client.get("/compare/").content.decode()
+    a, b = re.findall(r'<pre class="text">(response [^<]*)</pre>', item_html)
+    item_id = re.search(r'action="/answer/(\d+)/"', item_html).group(1)
+    client.post(f"/answer/{item_id}/", {"choice": "b"})
+    assert list(pair_records()) == [{"prompt": "prompt 0", "chosen": b, "rejected": a}]
+
+
+def test_readers_reject_bad_records(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    for line in ['{"prompt": "p", "response": "r", "rating": 6}', '{"prompt": "p", "response": "r", "rating": "3"}',
+                 '{"prompt": "p", "response": "r"}', '{"prompt": "p", "response": "r", "rating": 2, "extra": 1}']:
+        path.write_text(line + "\n")
+        with pytest.raises(ValueError):
+            read_ratings(path, num_bins=5)
+    path.write_text('{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(ValueError):
+        read_pairs(path)
+
+
+def test_import_jsonl_both_shapes(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "p", "response": "one"}) + "\n\n"
+        + json.dumps({"prompt": "p", "responses": ["two", "three"]}) + "\n"
+        + json.dumps({"prompt": "q", "response": "ü"}) + "\n", encoding="utf-8"
+    )
+    assert read_responses(path) == {"p": ["one", "two", "three"], "q": ["ü"]}
+    assert import_jsonl(path, num_bins=3, overlap=2) == (3 + 3) + 1  # p: 3 ratings + 3 pairs; q: 1 rating
+    assert list(rating_records()) == []  # nothing answered yet, nothing exported
+    path.write_text(json.dumps({"prompt": "p", "response": 3}) + "\n")
+    with pytest.raises(ValueError, match="in.jsonl:1"):
+        read_responses(path)
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\nsecond line\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a\\nb"}\n')
+    assert read_prompts(tmp_path / "p.txt") == ["first", "second line"]
+    assert read_prompts(tmp_path / "p.jsonl") == ["a\nb"]
+
+
+def test_cli_import_rate_export(tmp_path):
+    """The command line against a real SQLite file: import, add a user, export."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["x", "y"]}) + "\n")
+    cli = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(tmp_path / "data")]
+    run = lambda *args: subprocess.run([*cli, *args], cwd=REPO, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    assert "imported 3 items" in run("import", str(tmp_path / "in.jsonl"))
+    assert "created rater ann" in run("adduser", "ann", "--password", "a-long-pass-phrase")
+    assert "/invite/" in run("invite", "--base-url", "http://example.org")
+    out = run("export", "--ratings", str(tmp_path / "r.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
+    assert "wrote 0 lines" in out and (tmp_path / "data" / "db.sqlite3").exists()
+
+
+def test_export_trains_reward_model(client_for, make_items, tmp_path):
+    """export -> train_reward.py on a tiny model: the loop from raters back to training closes."""
+    script = REPO / "train_reward.py"
+    if not script.exists():
+        pytest.skip("train_reward.py does not exist yet")
+    help_text = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout
+    make_items(prompts=4, responses=2, num_bins=5)
+    ann = client_for("ann")
+    answer_all(ann, "/rate/", ["1", "2", "4", "5"])
+    answer_all(ann, "/compare/", ["a", "b"])
+    write_jsonl(rating_records(), tmp_path / "ratings.jsonl")
+    write_jsonl(pair_records(), tmp_path / "pairs.jsonl")
+    pytest.skip(f"train_reward.py exists; wire its flags here:\n{help_text[:400]}")
