@@ -1,0 +1,273 @@
+"""Reward model: a PaLM with a reward head, as in PaLM-rlhf-pytorch's `RewardModel`.
+
+Choices, and where they come from:
+
+1. The base is shared, not copied (lucidrains deep-copies the PaLM). The reward model adds its own
+   fine-tune scope to the PaLM it is given (LoRA adapters, Hu et al. 2021, or trainable copies of
+   the last N layers) and freezes that PaLM's base weights, so one frozen base can serve actor,
+   critic, reward model and reference (Hydra-RLHF, Santacroce et al. 2023). Other scopes already on
+   the PaLM are left alone. Pass a copy if you want a separate model.
+2. The prompt/response split is known to the model through two learned segment embeddings added to
+   the token embeddings (lucidrains' `prompt_embed` / `response_embed`). They start at zero, so a
+   fresh reward model sees exactly what the base sees.
+3. The score is read at the last real token of each sequence (the EOS ending the response), as in
+   InstructGPT (Ouyang et al. 2022) and lm-human-preferences: in a causal model it is the only
+   position that has seen the whole response; a masked mean would average in positions that saw
+   only part of it. Positions come from the mask, so any left or right padding gives the same score.
+4. Two heads. Binned ratings (`num_binned_output=K`): a K-way classifier trained with cross-entropy,
+   labels are class indices 0..K-1 (a rating of k stars is label k - 1, as in lucidrains); the
+   scalar handed to RL is the expected rating sum_k p_k * k on the 1..K star scale. Scalar
+   (`num_binned_output=0`): one number, trained on preference pairs with the Bradley-Terry loss
+   (InstructGPT eq. 1, optionally with the Llama 2 margin), or regressed on float labels with MSE.
+5. Dropout is applied to the pooled embedding before the head, not inside the shared base, so
+   training the reward model never changes how the shared PaLM behaves for the other roles.
+
+Sequences: [EOS] + prompt bytes + response bytes + [EOS], `prompt_mask` True on [EOS] + prompt.
+"""
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from palm_rlhf.palm import PaLM
+from palm_rlhf.tokenizer import EOS_ID, PAD_ID
+
+# ---------------------------------------------------------------------------------------------------
+# losses and the scalar reward
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=0.0) -> torch.Tensor:
+    """Pairwise preference loss (Bradley & Terry 1952; InstructGPT eq. 1; Llama 2 eq. 2 with margin):
+
+        loss = -log sigmoid(r_chosen - r_rejected - margin), averaged over pairs.
+
+    r_chosen, r_rejected (b,); margin a float or (b,) (Llama 2 makes it larger for clearer pairs).
+    """
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def binned_rating_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of K-way rating logits (b, K) against class indices 0..K-1 (b,)."""
+    return F.cross_entropy(logits, labels)
+
+
+def expected_rating(logits: torch.Tensor) -> torch.Tensor:
+    """E[rating] = sum_k softmax(logits)_k * k on the 1..K star scale: (b, K) -> (b,)."""
+    stars = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=torch.float32)
+    return logits.float().softmax(dim=-1) @ stars
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True in each row of mask (b, n) -> (b,): where the score is read."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return positions.masked_fill(~mask, -1).amax(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sequences
+
+
+def split_prompt(text: str, n_words: int = 4) -> tuple:
+    """A plain rated text as (prompt, response): its first `n_words` words, then the rest.
+
+    The words are joined with single spaces exactly as `data.review_prompts` makes PPO's prompts,
+    so the reward model is trained on the same prompt/response split that PPO will give it. The
+    response keeps at least one word.
+    """
+    words = text.split()
+    n = min(n_words, len(words) - 1)
+    if n <= 0:
+        return "", text
+    return " ".join(words[:n]), " " + " ".join(words[n:])
+
+
+def encode_reward_input(prompt: str, response: str, max_len: int | None = None) -> tuple:
+    """(seq, prompt_mask), both (n,): [EOS] + prompt + response + [EOS], prompt_mask on [EOS] + prompt.
+
+    With `max_len`, the response is cut so that the sequence still ends with its EOS.
+    """
+    prompt_ids = [EOS_ID, *prompt.encode("utf-8")]
+    response_ids = list(response.encode("utf-8"))
+    if max_len is not None:
+        if len(prompt_ids) + 1 >= max_len:
+            raise ValueError(f"a prompt of {len(prompt_ids) - 1} bytes leaves no room for a response in max_len={max_len}")
+        response_ids = response_ids[: max_len - len(prompt_ids) - 1]
+    seq = torch.tensor(prompt_ids + response_ids + [EOS_ID])
+    prompt_mask = torch.arange(len(seq)) < len(prompt_ids)
+    return seq, prompt_mask
+
+
+def pad_right(seqs: list, prompt_masks: list) -> tuple:
+    """Lists of 1-D (seq, prompt_mask) -> right-padded seq, prompt_mask, mask, each (b, n)."""
+    n = max(len(s) for s in seqs)
+    seq = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+    prompt_mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, prompt_masks)):
+        seq[i, : len(s)], prompt_mask[i, : len(s)], mask[i, : len(s)] = s, p, True
+    return seq, prompt_mask, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model
+
+
+def base_checksum(palm: PaLM) -> str:
+    """SHA-256 of the base weights (every tensor outside the fine-tune scopes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(palm.state_dict().items()):
+        if not name.startswith("finetune_modules."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RewardModel(nn.Module):
+    def __init__(
+        self,
+        palm: PaLM,
+        num_binned_output: int = 0,
+        use_lora: bool = True,
+        lora_r: int = 8,
+        reward_lora_scope: str = "reward",
+        finetune_last_n_layers: int | None = None,
+        dropout: float = 0.1,
+    ):
+        """Adds the scope `reward_lora_scope` to `palm` (LoRA of rank `lora_r`, or with
+        `finetune_last_n_layers=N` trainable copies of its last N layers) and freezes its base.
+        With use_lora=False and no finetune_last_n_layers, the whole given PaLM is fine-tuned."""
+        super().__init__()
+        if num_binned_output == 1:
+            raise ValueError("num_binned_output=1 is not a classifier; use 0 for a scalar reward")
+        self.palm = palm
+        self.args = dict(num_binned_output=num_binned_output, use_lora=use_lora, lora_r=lora_r,
+                         reward_lora_scope=reward_lora_scope, finetune_last_n_layers=finetune_last_n_layers,
+                         dropout=dropout)
+        self.num_binned_output = num_binned_output
+        tunes_scope = use_lora or finetune_last_n_layers is not None
+        self.scope = reward_lora_scope if tunes_scope else None
+        if finetune_last_n_layers is not None:
+            palm.add_finetune_params(reward_lora_scope, lora_r=None, last_n_layers=finetune_last_n_layers)
+        elif use_lora:
+            palm.add_finetune_params(reward_lora_scope, lora_r=lora_r)
+        if tunes_scope:  # freeze the base only: other roles' scopes on the same PaLM stay as they are
+            for name, param in palm.named_parameters():
+                if not name.startswith("finetune_modules."):
+                    param.requires_grad_(False)
+
+        dim = palm.dim
+        self.prompt_embed = nn.Parameter(torch.zeros(dim, device=palm.device))
+        self.response_embed = nn.Parameter(torch.zeros(dim, device=palm.device))
+        self.dropout = nn.Dropout(dropout)
+        self.to_pred = nn.Linear(dim, max(1, num_binned_output), device=palm.device)
+
+    def finetune_parameters(self) -> list:
+        """What the optimizer trains: head, segment embeddings, and the scope (or the whole PaLM)."""
+        own = [self.prompt_embed, self.response_embed, *self.to_pred.parameters()]
+        tuned = self.palm.finetune_parameters(self.scope) if self.scope else list(self.palm.parameters())
+        return own + tuned
+
+    def forward(self, seq, mask=None, prompt_mask=None, labels=None, return_logits=False):
+        """seq (b, n) token ids; mask (b, n) True at real tokens (default: seq != PAD);
+        prompt_mask (b, n) True on the prompt (default: no prompt).
+
+        labels given: the loss (binned: class indices 0..K-1 with cross-entropy; scalar: float
+        targets with MSE). Otherwise the reward (b,), the expected 1..K rating for the binned head;
+        with return_logits the head's raw output, (b, K) or (b,).
+        """
+        if mask is None:
+            mask = seq != self.palm.pad_id
+        if prompt_mask is None:
+            prompt_mask = torch.zeros_like(mask)
+        # (b, n, D): the segment embedding of each position, added to its token embedding
+        segment = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)
+        embeds = self.palm(seq, mask=mask, finetune_scope=self.scope, return_only_embedding=True,
+                           extra_embed=segment.to(self.palm.token_emb.weight.dtype))
+        pooled = embeds[torch.arange(len(seq), device=seq.device), last_token_index(mask)]  # (b, D)
+        logits = self.to_pred(self.dropout(pooled))
+        if not self.num_binned_output:
+            logits = logits.squeeze(-1)  # (b,)
+
+        if labels is not None:
+            if self.num_binned_output:
+                return binned_rating_loss(logits, labels)
+            return F.mse_loss(logits.float(), labels.float())
+        if return_logits:
+            return logits
+        return expected_rating(logits) if self.num_binned_output else logits.float()
+
+    def score(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:
+        """The scalar reward for RL, (b,): expected rating (binned head) or the raw scalar."""
+        return self(seq, mask=mask, prompt_mask=prompt_mask)
+
+    def pairwise_loss(self, chosen_seq, rejected_seq, chosen_prompt_mask=None, rejected_prompt_mask=None,
+                      chosen_mask=None, rejected_mask=None, margin=0.0) -> torch.Tensor:
+        """Bradley-Terry loss of a batch of pairs, scored in one forward pass."""
+        def rows(seq, prompt_mask, mask):
+            mask = seq != self.palm.pad_id if mask is None else mask
+            prompt_mask = torch.zeros_like(mask) if prompt_mask is None else prompt_mask
+            return [(s[m], p[m]) for s, p, m in zip(seq, prompt_mask, mask)]
+
+        both = rows(chosen_seq, chosen_prompt_mask, chosen_mask) + rows(rejected_seq, rejected_prompt_mask, rejected_mask)
+        seq, prompt_mask, mask = (t.to(chosen_seq.device) for t in pad_right(*zip(*both)))
+        rewards = self(seq, mask=mask, prompt_mask=prompt_mask)
+        return bradley_terry_loss(*rewards.chunk(2), margin=margin)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def reward_state_dict(self) -> dict:
+        """The reward model's own tensors: head, segment embeddings and its scope. (With the whole
+        PaLM fine-tuned, the tuned PaLM is the base that `save` writes beside them.)"""
+        scope = f"palm.finetune_modules.{self.scope}."
+        return {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()
+                if not name.startswith("palm.") or (self.scope and name.startswith(scope))}
+
+    def save(self, directory) -> Path:
+        """directory/reward.safetensors (head, segment embeddings, scope), directory/base (the base
+        PaLM, loadable with PaLM.from_pretrained) and directory/config.json (with the base's checksum)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = base_palm(self.palm)
+        base.save(directory / "base")
+        save_file(self.reward_state_dict(), str(directory / "reward.safetensors"))
+        config = dict(self.args, base_checksum=base_checksum(self.palm))
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, palm: PaLM | None = None) -> "RewardModel":
+        """Loads a saved reward model. With `palm`, attaches the saved scope and head to it after
+        checking its base weights are the ones the reward model was trained on; without, builds
+        the whole model from the saved base."""
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"no reward model at {directory} (expected config.json, written by RewardModel.save)")
+        config = json.loads((directory / "config.json").read_text())
+        if palm is None:
+            palm = PaLM.from_pretrained(directory / "base")
+        elif base_checksum(palm) != config["base_checksum"]:
+            raise ValueError(
+                f"the reward model in {directory} was trained on another base PaLM (base weights checksum "
+                f"{config['base_checksum'][:12]}..., the given PaLM's {base_checksum(palm)[:12]}...); pass the "
+                "PaLM it was trained on, or palm=None to load the base saved with it"
+            )
+        model = cls(palm, **{k: v for k, v in config.items() if k != "base_checksum"})
+        saved = load_file(str(directory / "reward.safetensors"), device=str(palm.device))
+        missing = sorted(set(model.reward_state_dict()) - set(saved))
+        if missing:
+            raise ValueError(f"{directory / 'reward.safetensors'} lacks {missing[:5]}")
+        model.load_state_dict(saved, strict=False)
+        return model
+
+
+def base_palm(palm: PaLM) -> PaLM:
+    """A copy of `palm` without its fine-tune scopes (on CPU), for saving the base alone."""
+    base = PaLM.from_config(replace(palm.config, finetune_scopes={}))
+    state = {k: v for k, v in palm.state_dict().items() if not k.startswith("finetune_modules.")}
+    base.load_state_dict(state)
+    return base

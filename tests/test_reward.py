@@ -1,0 +1,212 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.reward import (
+    RewardModel,
+    bradley_terry_loss,
+    binned_rating_loss,
+    encode_reward_input,
+    expected_rating,
+    last_token_index,
+    pad_right,
+    split_prompt,
+)
+from palm_rlhf.tokenizer import EOS_ID, PAD_ID
+
+
+def tiny_palm(seed=0):
+    torch.manual_seed(seed)
+    return PaLM.from_config(PaLMConfig.from_name("tiny"))
+
+
+def perturb_trainable(model, seed=1):
+    """Random values for the trainable part, so tests do not pass just because LoRA B = 0 and the
+    segment embeddings are zero at init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.finetune_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def batch(pairs):
+    return pad_right(*zip(*(encode_reward_input(p, r) for p, r in pairs)))
+
+
+TEXTS = [("The movie is", " a delight from start to finish."), ("Dull", " and long."), ("", " Superb!")]
+
+
+def test_bradley_terry_loss_against_hand_computed_values():
+    r_chosen, r_rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    # -log sigmoid(x) = log(1 + e^-x)
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2
+    assert bradley_terry_loss(r_chosen, r_rejected).item() == pytest.approx(expected, rel=1e-6)
+    with_margin = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
+    assert bradley_terry_loss(r_chosen, r_rejected, margin=1.0).item() == pytest.approx(with_margin, rel=1e-6)
+    per_pair = bradley_terry_loss(r_chosen, r_rejected, margin=torch.tensor([1.0, 0.0]))
+    assert per_pair.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2, rel=1e-6)
+
+
+def test_binned_loss_and_expected_rating_against_hand_computed_values():
+    logits = torch.tensor([[0.0, 0.0, math.log(2)]])  # probabilities 1/4, 1/4, 1/2
+    assert binned_rating_loss(logits, torch.tensor([2])).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert binned_rating_loss(logits, torch.tensor([0])).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert expected_rating(logits).item() == pytest.approx(1 * 0.25 + 2 * 0.25 + 3 * 0.5)
+
+
+def test_sequences_are_eos_prompt_response_eos():
+    seq, prompt_mask = encode_reward_input("ab", "cd")
+    assert seq.tolist() == [EOS_ID, 97, 98, 99, 100, EOS_ID]
+    assert prompt_mask.tolist() == [True, True, True, False, False, False]
+    cut, _ = encode_reward_input("ab", "cdefgh", max_len=6)
+    assert cut.tolist() == [EOS_ID, 97, 98, 99, 100, EOS_ID]
+    with pytest.raises(ValueError, match="no room"):
+        encode_reward_input("abcdef", "x", max_len=6)
+
+
+def test_split_prompt_matches_review_prompts_words():
+    assert split_prompt("the  movie is\tvery good indeed", 4) == ("the movie is very", " good indeed")
+    assert split_prompt("too short", 4) == ("too", " short")
+    assert split_prompt("one", 4) == ("", "one")
+
+
+def test_last_token_index_with_left_and_right_padding():
+    mask = torch.tensor([[True, True, False], [False, True, True], [False, True, False]])
+    assert last_token_index(mask).tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize("num_binned_output", [0, 5])
+def test_padding_never_changes_a_score(num_binned_output):
+    model = RewardModel(tiny_palm(), num_binned_output=num_binned_output).eval()
+    perturb_trainable(model)
+    alone = torch.cat([model.score(*batch([pair])[:2]) for pair in TEXTS])
+    seq, prompt_mask, mask = batch(TEXTS)  # right-padded to the longest, different amounts
+    torch.testing.assert_close(model.score(seq, prompt_mask=prompt_mask, mask=mask), alone, atol=1e-5, rtol=1e-5)
+
+    # left padding, different amounts per row, plus extra right padding on every row
+    left = torch.tensor([3, 0, 7])
+    width = seq.shape[1] + 7 + 2
+    padded = torch.full((3, width), PAD_ID)
+    padded_prompt = torch.zeros(3, width, dtype=torch.bool)
+    for i in range(3):
+        n = int(mask[i].sum())
+        padded[i, left[i] : left[i] + n] = seq[i, :n]
+        padded_prompt[i, left[i] : left[i] + n] = prompt_mask[i, :n]
+    torch.testing.assert_close(model.score(padded, prompt_mask=padded_prompt), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_model_knows_the_prompt_response_split():
+    model = RewardModel(tiny_palm()).eval()
+    perturb_trainable(model)
+    seq, prompt_mask, mask = batch(TEXTS[:1])
+    assert not torch.allclose(model.score(seq, prompt_mask=prompt_mask), model.score(seq, prompt_mask=~prompt_mask & mask))
+
+
+def test_forward_returns_loss_with_labels_reward_without():
+    model = RewardModel(tiny_palm(), num_binned_output=5).eval()
+    perturb_trainable(model)
+    seq, prompt_mask, mask = batch(TEXTS)
+    logits = model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True)
+    assert logits.shape == (3, 5)
+    labels = torch.tensor([4, 0, 2])
+    torch.testing.assert_close(model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels), F.cross_entropy(logits, labels))
+    torch.testing.assert_close(model(seq, mask=mask, prompt_mask=prompt_mask), expected_rating(logits))
+
+    scalar = RewardModel(tiny_palm(), num_binned_output=0).eval()
+    rewards = scalar.score(seq, prompt_mask=prompt_mask, mask=mask)
+    assert rewards.shape == (3,)
+    targets = torch.tensor([1.0, -1.0, 0.5])
+    torch.testing.assert_close(scalar(seq, mask=mask, prompt_mask=prompt_mask, labels=targets), F.mse_loss(rewards, targets))
+
+
+def test_pairwise_loss_method_equals_bradley_terry_on_scores():
+    model = RewardModel(tiny_palm()).eval()
+    perturb_trainable(model)
+    chosen, chosen_prompt, chosen_mask = batch(TEXTS[:2])
+    rejected, rejected_prompt, rejected_mask = batch([("Meh", " no."), ("A", " long dull film, oh so long.")])
+    loss = model.pairwise_loss(chosen, rejected, chosen_prompt, rejected_prompt, chosen_mask, rejected_mask, margin=0.5)
+    expected = bradley_terry_loss(model.score(chosen, chosen_prompt, chosen_mask),
+                                  model.score(rejected, rejected_prompt, rejected_mask), margin=0.5)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tuning", [dict(use_lora=True), dict(finetune_last_n_layers=1)])
+def test_only_the_reward_head_segment_embeddings_and_scope_move(tuning):
+    palm = tiny_palm()
+    palm.add_finetune_params("actor", lora_r=4)  # another role's scope on the same base
+    model = RewardModel(palm, num_binned_output=5, **tuning)
+    assert palm.finetune_parameters("actor")[0].requires_grad  # the reward model leaves it alone
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.finetune_parameters(), lr=1e-2)
+    seq, prompt_mask, mask = batch(TEXTS)
+    for _ in range(3):
+        model(seq, mask=mask, prompt_mask=prompt_mask, labels=torch.tensor([4, 0, 2])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    meant_to_move = {k for k in before if k.startswith(("to_pred.", "prompt_embed", "response_embed",
+                                                          "palm.finetune_modules.reward."))}
+    assert moved == meant_to_move
+    assert all(p.grad is None for name, p in palm.named_parameters() if not name.startswith("finetune_modules.reward."))
+
+
+def synthetic_ratings(n, generator):
+    """A rating task: the response is a letter repeated; its rating is which letter (a..e -> 0..4)."""
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    lengths = torch.randint(3, 12, (n,), generator=generator)
+    texts = [("Rate:", " " + "abcde"[int(k)] * int(length)) for k, length in zip(labels, lengths)]
+    return batch(texts), labels
+
+
+def test_reward_model_learns_a_tiny_rating_task_well_above_chance():
+    generator = torch.Generator().manual_seed(0)
+    model = RewardModel(tiny_palm(), num_binned_output=5, lora_r=8)
+    optimizer = torch.optim.AdamW(model.finetune_parameters(), lr=1e-2)
+    for _ in range(30):
+        (seq, prompt_mask, mask), labels = synthetic_ratings(16, generator)
+        model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    (seq, prompt_mask, mask), labels = synthetic_ratings(200, generator)
+    with torch.no_grad():
+        predicted = model.eval()(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).argmax(dim=-1)
+    accuracy = (predicted == labels).float().mean().item()
+    assert accuracy > 0.6, f"accuracy {accuracy:.2f}, chance is 0.2"
+
+
+def test_save_and_load_alone_or_onto_the_same_base(tmp_path):
+    palm = tiny_palm()
+    model = RewardModel(palm, num_binned_output=5).eval()
+    perturb_trainable(model)
+    seq, prompt_mask, mask = batch(TEXTS)
+    expected = model.score(seq, prompt_mask, mask)
+    model.save(tmp_path / "rm")
+
+    alone = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    torch.testing.assert_close(alone.score(seq, prompt_mask, mask), expected)
+
+    policy = PaLM.from_pretrained(tmp_path / "rm" / "base")  # e.g. PPO's base, already with its scopes
+    policy.add_finetune_params("actor", lora_r=4)
+    shared = RewardModel.from_pretrained(tmp_path / "rm", palm=policy).eval()
+    assert shared.palm is policy and "actor" in policy.finetune_modules
+    torch.testing.assert_close(shared.score(seq, prompt_mask, mask), expected)
+
+    with pytest.raises(ValueError, match="another base PaLM"):
+        RewardModel.from_pretrained(tmp_path / "rm", palm=tiny_palm(seed=1))
+    with pytest.raises(FileNotFoundError, match="no reward model"):
+        RewardModel.from_pretrained(tmp_path / "missing")
+
+
+def test_whole_model_fine_tuning_saves_the_tuned_base(tmp_path):
+    model = RewardModel(tiny_palm(), use_lora=False).eval()
+    assert len(model.finetune_parameters()) == len(list(model.parameters()))
+    with torch.no_grad():
+        model.palm.layers[0].fused_out.weight.mul_(2)
+    seq, prompt_mask, mask = batch(TEXTS)
+    model.save(tmp_path / "rm")
+    loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    torch.testing.assert_close(loaded.score(seq, prompt_mask, mask), model.score(seq, prompt_mask, mask))
