@@ -1,0 +1,381 @@
+"""Direct preference optimisation: DPO, IPO, conservative DPO and KTO, a compact alternative to
+reward model + PPO.
+
+    DPO   Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+          Reward Model", eq. 7
+    cDPO  Mitchell 2023, "A note on DPO with noisy preferences": DPO with label smoothing
+    IPO   Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+          Preferences", eq. 17
+    KTO   Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8,
+          for unpaired desirable / undesirable examples
+
+Each loss is a function of summed response log-probs, log pi(y|x) = sum_t log pi(y_t | x, y_<t),
+under the policy and under the frozen reference. The implicit reward of a response is
+beta * log(pi(y|x) / pi_ref(y|x)) (DPO section 5); preference accuracy counts how often it ranks
+the chosen response above the rejected one.
+
+How this departs from the papers:
+1. The reference policy is the same PaLM with its fine-tune scope switched off (`disable_lora=True`),
+   not a second copy: only the adapters train, so the base weights are the reference. Its
+   log-probs can also be computed once before training and cached (`precompute_ref=True`).
+2. The policy is LoRA adapters on a frozen PaLM (Hu et al. 2021), not a full fine-tune.
+3. IPO uses summed log-probs, as eq. 17 is written, and `beta` plays the part of its tau.
+4. KTO's reference point z0 is estimated per batch from mismatched (prompt, response) pairs, as the
+   paper's section 4.1 does; where every prompt is empty (plain review snippets) a mismatched pair
+   is just another response of the batch, so the batch's own log-ratios give the estimate.
+
+Sequences: [EOS] + prompt + response + [EOS], EOS doubling as begin-of-document; only response
+tokens (its closing EOS included) are scored.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from palm_rlhf.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
+from palm_rlhf.training import check_finite, lr_lambda_warmup_cosine
+
+METHODS = ("dpo", "ipo", "cdpo", "kto")
+
+# ---------------------------------------------------------------------------------------------------
+# losses: inputs are summed response log-probs, (b,) each
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+             label_smoothing: float = 0.0):
+    """DPO, Rafailov et al. 2023, eq. 7:
+
+        L = -log sigmoid(beta * [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)])
+
+    With label_smoothing = eps > 0 it is conservative DPO (Mitchell 2023): the label is flipped with
+    probability eps, L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    Returns (mean loss, chosen rewards (b,), rejected rewards (b,)), rewards = beta * log-ratio.
+    """
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    margin = chosen_rewards - rejected_rewards  # beta * h
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tau: float = 0.1):
+    """IPO, Azar et al. 2023, eq. 17: a squared loss that pulls the log-ratio margin to 1 / (2 tau)
+    instead of pushing it to infinity, so it does not overfit deterministic preferences:
+
+        L = (log [pi(y_w) pi_ref(y_l)] / [pi(y_l) pi_ref(y_w)] - 1 / (2 tau))^2
+
+    Returns (mean loss, chosen rewards, rejected rewards), rewards = tau * log-ratio.
+    """
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * tau)) ** 2
+    return losses.mean(), (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
+
+
+def kto_kl_estimate(policy_logps, ref_logps):
+    """KTO's reference point z0 = KL(pi || pi_ref), Ethayarajh et al. 2024, section 4.1: the mean
+    log-ratio over mismatched (x, y') pairs of the batch, clamped at 0 and detached (no gradient
+    flows through the reference point)."""
+    return (policy_logps - ref_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps, ref_logps, desirable, beta: float = 0.1, kl_estimate=0.0,
+             lambda_d: float = 1.0, lambda_u: float = 1.0):
+    """KTO, Ethayarajh et al. 2024, eq. 8, with r = log pi(y|x) / pi_ref(y|x) and z0 = kl_estimate:
+
+        v(x, y) = lambda_D sigmoid(beta (r - z0))   if y is desirable
+                  lambda_U sigmoid(beta (z0 - r))   if y is undesirable
+        L = E[lambda_y - v(x, y)]
+
+    desirable: (b,) bool. Returns (mean loss, rewards (b,) = beta * r).
+    """
+    log_ratio = policy_logps - ref_logps
+    desirable_value = lambda_d * torch.sigmoid(beta * (log_ratio - kl_estimate))
+    undesirable_value = lambda_u * torch.sigmoid(beta * (kl_estimate - log_ratio))
+    losses = torch.where(desirable, lambda_d - desirable_value, lambda_u - undesirable_value)
+    return losses.mean(), (beta * log_ratio).detach()
+
+
+def preference_accuracy(chosen_rewards, rejected_rewards) -> torch.Tensor:
+    """How often the chosen response gets the higher implicit reward; a tie counts half, so a policy
+    equal to its reference scores exactly chance (0.5)."""
+    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sequences and their log-probs
+
+
+def encode_responses(prompts: list, responses: list, max_len: int = 320, tokenizer=None):
+    """[EOS] + prompt + response + [EOS] per example, right-padded with PAD.
+
+    Returns seq (b, n) long, mask (b, n) bool (real tokens), response_mask (b, n) bool (response
+    tokens and the closing EOS: the tokens that are scored). A sequence longer than max_len loses
+    the end of its response, closing EOS included: a cut response did not end there.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        head = [EOS_ID] + tokenizer.encode(prompt).tolist()
+        if len(head) >= max_len:
+            raise ValueError(f"prompt {prompt[:40]!r}... leaves no room for a response in max_len={max_len}")
+        rows.append((head, (tokenizer.encode(response).tolist() + [EOS_ID])[: max_len - len(head)]))
+    n = max(len(head) + len(tail) for head, tail in rows)
+    seq = torch.full((len(rows), n), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    response_mask = torch.zeros_like(mask)
+    for i, (head, tail) in enumerate(rows):
+        seq[i, : len(head) + len(tail)] = torch.tensor(head + tail)
+        mask[i, : len(head) + len(tail)] = True
+        response_mask[i, len(head) : len(head) + len(tail)] = True
+    return seq, mask, response_mask
+
+
+def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, disable_lora=False):
+    """Summed log-prob of each sequence's response tokens, (b,).
+
+    Goes through `model`'s forward (as PaLM.log_probs does), so that a DDP-wrapped model syncs its
+    gradients; `model` may be a PaLM or its Accelerate wrapper.
+    """
+    logits = model(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope, disable_lora=disable_lora)
+    token_log_probs = logits.float().log_softmax(dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)  # (b, n-1)
+    return (token_log_probs * response_mask[:, 1:]).sum(dim=-1)
+
+
+@torch.no_grad()
+def mean_token_kl(palm, seq, mask, response_mask, finetune_scope):
+    """Mean over response tokens of the exact per-token KL(policy || reference), summed over the
+    vocabulary at each position (no sampling noise), the reference being the adapters switched off."""
+    policy = palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope).float().log_softmax(dim=-1)
+    reference = palm(seq[:, :-1], mask=mask[:, :-1], disable_lora=True).float().log_softmax(dim=-1)
+    kl = (policy.exp() * (policy - reference)).sum(dim=-1)  # (b, n-1)
+    scored = response_mask[:, 1:]
+    return float((kl * scored).sum() / scored.sum().clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def kto_examples(records: list, desirable_min: float = 4, undesirable_max: float = 2) -> list:
+    """{"prompt", "response", "rating"} records -> KTO examples {"prompt", "response", "desirable"}.
+
+    rating >= desirable_min is desirable, rating <= undesirable_max undesirable; the middle is
+    dropped (on 1..5 stars, the defaults keep 4-5 against 1-2)."""
+    if desirable_min <= undesirable_max:
+        raise ValueError(f"desirable_min ({desirable_min}) must exceed undesirable_max ({undesirable_max})")
+    return [
+        dict(prompt=r["prompt"], response=r["response"], desirable=r["rating"] >= desirable_min)
+        for r in records
+        if r["rating"] >= desirable_min or r["rating"] <= undesirable_max
+    ]
+
+
+def check_examples(examples: list, keys: tuple, what: str):
+    if not examples:
+        raise ValueError(f"no {what} to train on")
+    missing = [k for k in keys if k not in examples[0]]
+    if missing:
+        raise ValueError(f"{what} need the keys {keys}; the first one lacks {missing}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class DPOTrainer:
+    """Trains LoRA adapters of one PaLM by DPO, IPO, cDPO (pairs) or KTO (unpaired examples); the
+    same PaLM with the adapters off is the reference.
+
+        trainer = DPOTrainer(palm=palm, pairs=pairs, method="dpo", beta=0.1)
+        trainer.train(num_steps=200)
+        trainer.evaluate(held_out_pairs)  # dict(pref_accuracy, reward_margin, ...)
+    """
+
+    def __init__(
+        self,
+        *,
+        palm,
+        pairs: list | None = None,
+        examples: list | None = None,
+        method: str = "dpo",
+        beta: float = 0.1,
+        label_smoothing: float = 0.1,
+        lambda_d: float = 1.0,
+        lambda_u: float = 1.0,
+        scope: str = "dpo",
+        lora_r: int = 8,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        total_steps: int | None = None,
+        batch_size: int = 16,
+        grad_accum: int = 1,
+        max_grad_norm: float = 1.0,
+        max_len: int = 320,
+        precompute_ref: bool = False,
+        seed: int = 0,
+        accelerator: Accelerator | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method == "kto":
+            check_examples(examples, ("prompt", "response", "desirable"), "KTO examples")
+        else:
+            check_examples(pairs, ("prompt", "chosen", "rejected"), f"{method.upper()} pairs")
+        self.method, self.beta, self.label_smoothing = method, beta, label_smoothing
+        self.lambda_d, self.lambda_u = lambda_d, lambda_u
+        self.data = examples if method == "kto" else pairs
+        self.scope, self.batch_size, self.max_len, self.seed = scope, batch_size, max_len, seed
+        self.max_grad_norm = max_grad_norm
+        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=grad_accum)
+        self.grad_accum = self.accelerator.gradient_accumulation_steps
+
+        if scope not in palm.finetune_modules:
+            palm.add_finetune_params(scope, lora_r=lora_r)
+        palm.finetune_only(scope)
+        self.palm = palm  # the unwrapped model: generation, saving, adapters
+        optimizer = torch.optim.AdamW(palm.finetune_parameters(scope), lr=lr, weight_decay=weight_decay)
+        # stepped once per optimizer step on every process, so not handed to accelerator.prepare
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda_warmup_cosine(warmup_steps, total_steps or 10**9))
+        self.model, self.optimizer = self.accelerator.prepare(palm, optimizer)
+        self.step = 0
+        self.ref_cache = self._reference_log_probs_of_all() if precompute_ref else None
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def _encode(self, records):
+        """One forward for a batch: for pairs the chosen then the rejected responses, (2b, n)."""
+        prompts = [r["prompt"] for r in records]
+        if self.method == "kto":
+            responses = [r["response"] for r in records]
+        else:
+            prompts = prompts + prompts
+            responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+        return [t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len)]
+
+    def _batch_indices(self, step: int, micro: int):
+        # depends only on (seed, step, micro, rank): a resumed run draws the batches an
+        # uninterrupted one would
+        rng = np.random.default_rng([self.seed, step, micro, self.accelerator.process_index])
+        return rng.choice(len(self.data), size=min(self.batch_size, len(self.data)), replace=False)
+
+    @torch.no_grad()
+    def _reference_log_probs(self, records):
+        return sequence_log_probs(self.palm, *self._encode(records), disable_lora=True)
+
+    def _reference_log_probs_of_all(self):
+        """Reference log-probs of every training example, computed once: (len(data),) or (len(data), 2)."""
+        chunks = []
+        for start in tqdm(range(0, len(self.data), self.batch_size), desc="reference log-probs",
+                          disable=not self.accelerator.is_main_process):
+            logps = self._reference_log_probs(self.data[start : start + self.batch_size])
+            chunks.append(logps if self.method == "kto" else torch.stack(logps.chunk(2), dim=-1))
+        return torch.cat(chunks)
+
+    # --- one update -------------------------------------------------------------------------------
+
+    def compute_loss(self, records, ref_logps=None):
+        """Loss and metrics of a batch. ref_logps: cached reference log-probs, or None to compute them."""
+        seq, mask, response_mask = self._encode(records)
+        policy = sequence_log_probs(self.model, seq, mask, response_mask, finetune_scope=self.scope)
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps = sequence_log_probs(self.model, seq, mask, response_mask, disable_lora=True)
+        elif self.method != "kto":
+            ref_logps = torch.cat((ref_logps[:, 0], ref_logps[:, 1]))
+        if self.method == "kto":
+            return self._kto_loss(records, policy, ref_logps)
+
+        (policy_chosen, policy_rejected), (ref_chosen, ref_rejected) = policy.chunk(2), ref_logps.chunk(2)
+        if self.method == "ipo":
+            loss, chosen, rejected = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta)
+        else:
+            smoothing = self.label_smoothing if self.method == "cdpo" else 0.0
+            loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                              self.beta, smoothing)
+        return loss, dict(loss=loss.detach(), pref_accuracy=preference_accuracy(chosen, rejected),
+                          reward_margin=(chosen - rejected).mean(), chosen_reward=chosen.mean(),
+                          rejected_reward=rejected.mean())
+
+    def _kto_loss(self, records, policy, ref_logps):
+        if all(not r["prompt"] for r in records):
+            kl_policy, kl_ref = policy.detach(), ref_logps  # a mismatched pair is another response
+        else:
+            # prompt i with response i + 1: pairs the policy was not asked about
+            shifted = [dict(prompt=r["prompt"], response=s["response"]) for r, s in zip(records, records[1:] + records[:1])]
+            seq, mask, response_mask = self._encode(shifted)
+            with torch.no_grad():
+                kl_policy = sequence_log_probs(self.model, seq, mask, response_mask, finetune_scope=self.scope)
+                kl_ref = sequence_log_probs(self.model, seq, mask, response_mask, disable_lora=True)
+        kl = self.accelerator.reduce(kto_kl_estimate(kl_policy, kl_ref), "mean")  # one z0 for all processes
+        desirable = torch.tensor([bool(r["desirable"]) for r in records], device=policy.device)
+        loss, rewards = kto_loss(policy, ref_logps, desirable, self.beta, kl, self.lambda_d, self.lambda_u)
+        # a batch without one kind gives nan for its mean, which every process logs alike
+        desirable_reward, undesirable_reward = rewards[desirable].mean(), rewards[~desirable].mean()
+        return loss, dict(loss=loss.detach(), kl_estimate=kl, desirable_reward=desirable_reward,
+                          undesirable_reward=undesirable_reward, reward_margin=desirable_reward - undesirable_reward)
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns the last micro-batch's metrics."""
+        self.model.train()
+        for micro in range(self.grad_accum):
+            with self.accelerator.accumulate(self.model):
+                indices = self._batch_indices(self.step, micro)
+                ref = None if self.ref_cache is None else self.ref_cache[torch.from_numpy(indices).to(self.ref_cache.device)]
+                loss, metrics = self.compute_loss([self.data[i] for i in indices], ref)
+                check_finite(self.accelerator.reduce(loss.detach(), "mean"), self.step)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.palm.finetune_parameters(self.scope), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        metrics = {k: float(self.accelerator.reduce(v.detach(), "mean")) for k, v in metrics.items()}
+        return dict(metrics, lr=self.scheduler.get_last_lr()[0])
+
+    def train(self, num_steps: int, callback=None):
+        """Trains until `self.step == num_steps`; after each step calls callback(step, metrics)
+        (logging, evaluation, checkpoints). Returns the last step's metrics."""
+        progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps,
+                        desc=self.method, disable=not self.accelerator.is_main_process)
+        metrics = {}
+        for _ in progress:
+            metrics = self.train_step()
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if callback is not None:
+                callback(self.step, metrics)
+        return metrics
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list, batch_size: int | None = None) -> dict:
+        """Implicit-reward preference accuracy on held-out pairs (whatever the training method):
+        dict(pref_accuracy, reward_margin, chosen_reward, rejected_reward), rewards = beta * log-ratio."""
+        check_examples(pairs, ("prompt", "chosen", "rejected"), "evaluation pairs")
+        self.model.eval()
+        batch_size = batch_size or self.batch_size
+        # each process scores its own slice; the sums are added across processes
+        mine = pairs[self.accelerator.process_index :: self.accelerator.num_processes]
+        chosen, rejected = [], []
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            prompts = [p["prompt"] for p in batch] * 2
+            responses = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
+            seq, mask, response_mask = (t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len))
+            policy = sequence_log_probs(self.palm, seq, mask, response_mask, finetune_scope=self.scope)
+            ref = sequence_log_probs(self.palm, seq, mask, response_mask, disable_lora=True)
+            rewards = self.beta * (policy - ref)
+            chosen.append(rewards[: len(batch)])
+            rejected.append(rewards[len(batch) :])
+        self.model.train()
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        count = torch.tensor(float(len(chosen)), device=chosen.device)
+        sums = torch.stack([preference_accuracy(chosen, rejected) * count, (chosen - rejected).sum(),
+                            chosen.sum(), rejected.sum(), count])
+        accuracy, margin, chosen_sum, rejected_sum, count = self.accelerator.reduce(sums, "sum").tolist()
+        return dict(pref_accuracy=accuracy / count, reward_margin=margin / count,
+                    chosen_reward=chosen_sum / count, rejected_reward=rejected_sum / count)
