@@ -107,24 +107,31 @@ def preference_accuracy(chosen_rewards, rejected_rewards) -> torch.Tensor:
 
 
 def encode_responses(prompts: list, responses: list, max_len: int = 320, tokenizer=None):
-    """[EOS] + prompt + response + [EOS] per example, right-padded with PAD.
-
-    Returns seq (b, n) long, mask (b, n) bool (real tokens), response_mask (b, n) bool (response
-    tokens and the closing EOS: the tokens that are scored). A sequence longer than max_len loses
-    the end of its response, closing EOS included: a cut response did not end there.
-    """
+    """[EOS] + prompt + response + [EOS] per example, right-padded with PAD: see `pack_sequences`.
+    A sequence longer than max_len loses the end of its response, closing EOS included: a cut
+    response did not end there."""
     tokenizer = tokenizer or ByteTokenizer()
-    rows = []
+    heads, tails = [], []
     for prompt, response in zip(prompts, responses, strict=True):
         head = [EOS_ID] + tokenizer.encode(prompt).tolist()
         if len(head) >= max_len:
             raise ValueError(f"prompt {prompt[:40]!r}... leaves no room for a response in max_len={max_len}")
-        rows.append((head, (tokenizer.encode(response).tolist() + [EOS_ID])[: max_len - len(head)]))
-    n = max(len(head) + len(tail) for head, tail in rows)
-    seq = torch.full((len(rows), n), PAD_ID, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        heads.append(head)
+        tails.append((tokenizer.encode(response).tolist() + [EOS_ID])[: max_len - len(head)])
+    return pack_sequences(heads, tails)
+
+
+def pack_sequences(heads: list, tails: list):
+    """Token lists head + tail per example, right-padded with PAD.
+
+    Returns seq (b, n) long, mask (b, n) bool (real tokens), response_mask (b, n) bool (the tail:
+    the tokens that are scored).
+    """
+    n = max(len(head) + len(tail) for head, tail in zip(heads, tails))
+    seq = torch.full((len(heads), n), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(heads), n, dtype=torch.bool)
     response_mask = torch.zeros_like(mask)
-    for i, (head, tail) in enumerate(rows):
+    for i, (head, tail) in enumerate(zip(heads, tails)):
         seq[i, : len(head) + len(tail)] = torch.tensor(head + tail)
         mask[i, : len(head) + len(tail)] = True
         response_mask[i, len(head) : len(head) + len(tail)] = True
@@ -143,14 +150,14 @@ def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, dis
 
 
 @torch.no_grad()
-def mean_token_kl(palm, seq, mask, response_mask, finetune_scope):
-    """Mean over response tokens of the exact per-token KL(policy || reference), summed over the
-    vocabulary at each position (no sampling noise), the reference being the adapters switched off."""
+def reference_kl(palm, seq, mask, response_mask, finetune_scope):
+    """Exact KL(policy || reference) at each response token, summed over the vocabulary (no sampling
+    noise), the reference being the adapters switched off. Returns (mean per token, mean per response:
+    the sum over a response's tokens, the figure PPO's KL penalty is a one-sample estimate of)."""
     policy = palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope).float().log_softmax(dim=-1)
     reference = palm(seq[:, :-1], mask=mask[:, :-1], disable_lora=True).float().log_softmax(dim=-1)
-    kl = (policy.exp() * (policy - reference)).sum(dim=-1)  # (b, n-1)
-    scored = response_mask[:, 1:]
-    return float((kl * scored).sum() / scored.sum().clamp(min=1))
+    kl = (policy.exp() * (policy - reference)).sum(dim=-1) * response_mask[:, 1:]  # (b, n-1)
+    return float(kl.sum() / response_mask[:, 1:].sum().clamp(min=1)), float(kl.sum(dim=-1).mean())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,12 +359,11 @@ class DPOTrainer:
     # --- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, pairs: list, batch_size: int | None = None) -> dict:
+    def evaluate(self, pairs: list, batch_size: int = 32) -> dict:
         """Implicit-reward preference accuracy on held-out pairs (whatever the training method):
         dict(pref_accuracy, reward_margin, chosen_reward, rejected_reward), rewards = beta * log-ratio."""
         check_examples(pairs, ("prompt", "chosen", "rejected"), "evaluation pairs")
         self.model.eval()
-        batch_size = batch_size or self.batch_size
         # each process scores its own slice; the sums are added across processes
         mine = pairs[self.accelerator.process_index :: self.accelerator.num_processes]
         chosen, rejected = [], []

@@ -14,7 +14,7 @@ from palm_rlhf.dpo import (
     kto_examples,
     kto_kl_estimate,
     kto_loss,
-    mean_token_kl,
+    reference_kl,
     preference_accuracy,
     sequence_log_probs,
 )
@@ -201,13 +201,21 @@ def test_merged_policy_equals_adapter_policy():
         torch.testing.assert_close(sequence_log_probs(palm, *probe), policy, atol=1e-4, rtol=1e-5)
 
 
-def test_mean_token_kl_is_zero_at_init_and_positive_after_training():
+def test_reference_kl_is_zero_at_init_then_matches_a_direct_sum():
     palm = tiny()
     trainer = make_trainer("dpo", palm=palm)
-    probe = encode_responses(["", "Q:"], ["abcab", "xyzzy"])
-    assert mean_token_kl(palm, *probe, finetune_scope="dpo") == pytest.approx(0.0, abs=1e-6)
+    seq, mask, response_mask = encode_responses(["", "Q:"], ["abcab", "xyzzy"])
+    assert reference_kl(palm, seq, mask, response_mask, "dpo") == pytest.approx((0.0, 0.0), abs=1e-6)
     trainer.train(num_steps=3)
-    assert mean_token_kl(palm, *probe, finetune_scope="dpo") > 1e-4
+    per_token, per_response = reference_kl(palm, seq, mask, response_mask, "dpo")
+    with torch.no_grad():
+        p = palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope="dpo").softmax(-1)
+        q = palm(seq[:, :-1], mask=mask[:, :-1], disable_lora=True).softmax(-1)
+    kls = [[float((p[b, t] * (p[b, t] / q[b, t]).log()).sum()) for t in range(seq.shape[1] - 1) if response_mask[b, t + 1]]
+           for b in range(2)]
+    assert per_token > 1e-4
+    assert per_token == pytest.approx(sum(map(sum, kls)) / sum(map(len, kls)), rel=1e-4)
+    assert per_response == pytest.approx(sum(map(sum, kls)) / 2, rel=1e-4)
 
 
 def test_kto_examples_thresholds_and_bad_input():
