@@ -29,6 +29,9 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 ITEM = re.compile(r'action="/answer/(\d+)/"')
+# a few logins at a time: each hashes a password on purpose slowly, and fifty at once on a small
+# machine can outlast the client's timeout
+LOGINS = threading.Semaphore(4)
 
 
 class Rater:
@@ -59,9 +62,10 @@ class Rater:
         return status, text
 
     def log_in(self) -> str:
-        self.request("/login/")
-        status, _ = self.request("/login/", {"username": self.name, "password": self.password,
-                                             "csrfmiddlewaretoken": self.csrf()})
+        with LOGINS:
+            self.request("/login/")
+            self.request("/login/", {"username": self.name, "password": self.password,
+                                     "csrfmiddlewaretoken": self.csrf()})
         status, page = self.request(f"/{self.kind}/")
         if status != 200 or "Log out" not in page:
             raise RuntimeError(f"{self.name} could not log in (status {status})")
@@ -118,14 +122,17 @@ def free_port() -> int:
 def start_server(data_dir: Path, port: int, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(data_dir), "serve",
                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the server's log goes to a file: a pipe nobody reads fills up and blocks the server
+    log = open(data_dir / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    log.close()  # the server holds its own copy
     for _ in range(300):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=1)
             return server
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"server did not start: {(data_dir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.1)
     server.kill()
     raise RuntimeError("server did not answer within 30 s")
@@ -186,8 +193,8 @@ def run(raters: int = 50, seconds: float = 60, threads: int = 8, prompts: int = 
         try:
             people = [Rater(f"http://127.0.0.1:{port}", f"rater{i:02d}", password, ["rate", "compare"][i % 2])
                       for i in range(raters)]
-            # logging in hashes a password on purpose slowly (about 0.5 s of CPU each), so it
-            # happens before the clock starts: the minute measures submitting answers
+            # logging in is slow on purpose (password hashing), so it happens before the clock
+            # starts: the minute measures submitting answers
             pages = in_threads([p.log_in for p in people])
             start = time.monotonic()
             in_threads([lambda p=p, page=page: p.run(page, start + seconds, resend) for p, page in zip(people, pages)])
