@@ -1,7 +1,8 @@
 """Stage 1: pretrain PaLM on real text (WikiText-2 and movie-review snippets by default).
 
     python train_lm.py                                # the default run, ~20 min on 2 CPU cores
-    accelerate launch --num_processes 2 train_lm.py   # same script on N processes / GPUs
+    accelerate launch --multi_gpu --num_processes 2 train_lm.py        # N GPUs, same script
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_lm.py  # 2 CPU processes (gloo)
     python train_lm.py --resume                       # continue a killed run where it stopped
 
 Leaves runs/lm/final (PaLM.from_pretrained), which train_reward.py, train_ppo.py and train_dpo.py
@@ -159,7 +160,8 @@ def train(cfg: TrainLMConfig):
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_loss = evaluate(palm, valid_windows, cfg, accelerator)
             metrics.log(done, val_loss=val_loss, val_bpb=val_loss / math.log(2))
-            progress.write(f"step {done}: val loss {val_loss:.4f}, {val_loss / math.log(2):.3f} bits/byte")
+            if accelerator.is_main_process:
+                progress.write(f"step {done}: val loss {val_loss:.4f}, {val_loss / math.log(2):.3f} bits/byte")
         if accelerator.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
             progress.write(f"step {done} sample: {sample_text(unwrapped, cfg, tokenizer)!r}")
         if stop.requested_on_any(accelerator):
