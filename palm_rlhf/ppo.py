@@ -1,0 +1,505 @@
+"""PPO for RLHF: one frozen PaLM serves as actor, critic, frozen reference and (optionally) reward model.
+
+One iteration (`RLHFTrainer.step`), in the order of Ziegler et al. 2019 ("Fine-Tuning Language
+Models from Human Preferences") and InstructGPT (Ouyang et al. 2022), each step numbered in the code:
+
+    1. rollout: a batch of prompts, responses sampled at temperature T with the KV-cached sampler,
+       truncated after their first EOS; log-probs of the policy softmax(logits / T)
+    2. per-token reward r_t = -beta * KL_t(policy || reference), plus the reward model's score on the
+       last response token; beta fixed or adaptive (Ziegler et al. eq. 2)
+    3. values V_t from the critic (its own LoRA scope on the same base, plus a zero-initialised head)
+    4. GAE advantages and returns (Schulman et al. 2016), advantages whitened over the batch
+    5. epochs x minibatches of the clipped policy loss, clipped value loss and entropy bonus
+       (Schulman et al. 2017), gradient clipping, one AdamW step per minibatch
+    6. diagnostics: score, KL to the reference, approx KL old -> new, clip fraction, explained
+       variance, response length, entropy
+
+Where this departs from InstructGPT / Ziegler et al.:
+
+    1. Actor and critic are LoRA scopes on one frozen base, and the reference policy is that base
+       with adapters disabled (Hydra-RLHF, Santacroce et al. 2023), not three separate models.
+       The reference is therefore the model passed in, as it was before any adapter.
+    2. The critic starts from the base with a zero value head, not from the reward model.
+    3. No pretraining-gradient mix (InstructGPT's PPO-ptx); the KL penalty alone keeps the policy
+       near the reference.
+    4. Rollouts sample at temperature T only (no top-k / top-p), so the samples come from exactly the
+       policy whose log-probs enter the ratio; top-k / top-p are offered for best-of-N only.
+    5. The KL in the reward is a one-sample estimate per token, k1 = log pi - log pi_ref by default
+       (as Ziegler et al.), or k2 / k3 (Schulman 2020, "Approximating KL Divergence").
+    6. Reward-model scores are used as they come, not normalised to mean 0 / std 1 on reference
+       samples (Ziegler et al. section 2.2).
+    7. Optionally, a response that never emits EOS has `missing_eos_penalty` subtracted from its
+       score (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
+    8. One optimizer (two parameter groups) steps on policy loss + vf_coef * value loss; actor and
+       critic gradients are clipped separately.
+"""
+import copy
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from beartype import beartype
+from torch import nn
+from tqdm.auto import tqdm
+
+from palm_rlhf.palm import PaLM, left_pad
+from palm_rlhf.tokenizer import ByteTokenizer
+
+# ---------------------------------------------------------------------------------------------------
+# the maths: masks are bool, True at response tokens
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over the True entries of mask (all dims, or `dim`)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the True entries of mask; 0 elsewhere."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16):
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = sum_l (gamma * lam)^l * delta_{t+l}
+
+    rewards, values, mask: (b, r), the mask a prefix of True per row (the response); V = 0 after
+    the last response token, where the episode ends. Returns advantages and returns = A + V, (b, r).
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020,
+    "Approximating KL Divergence"), with log r = log pi_ref - log pi:
+    k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = (r - 1) - log r (unbiased, never negative)."""
+    log_ratio = ref_log_probs - log_probs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return log_ratio.exp() - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
+
+
+def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+
+        L = -E_t[ min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t) ],  rho_t = pi / pi_old
+
+    Returns the loss and the clip fraction (share of tokens where the clipped term is chosen)."""
+    ratio = (log_probs - old_log_probs).exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """The clipped value loss of PPO's reference code (baselines ppo2), as in Ziegler et al.:
+
+        L = 1/2 E_t[ max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -eps, eps) - R_t)^2) ]
+
+    Returns the loss and the share of tokens where the clipped term is chosen."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(b, r) sampled tokens -> (b, r) bool, True up to and including each row's first EOS."""
+    is_eos = tokens == eos_id
+    return (is_eos.long().cumsum(dim=-1) - is_eos.long()) == 0
+
+
+class KLController:
+    """beta of the KL penalty: fixed, or adaptive with `target` (Ziegler et al. 2019, eq. 2):
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
+    """
+
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int):
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------------
+# actor and critic on one base
+
+
+class ActorCritic(nn.Module):
+    """The actor (LoRA scope on `palm`) and critic (its own LoRA scope on the same `palm`, or a
+    separate `critic_palm`) with a zero-initialised value head, so the values start at 0."""
+
+    def __init__(self, palm: PaLM, actor_scope: str, critic_scope: str, critic_palm: PaLM | None = None):
+        super().__init__()
+        self.palm, self.critic_palm = palm, critic_palm
+        self.actor_scope, self.critic_scope = actor_scope, critic_scope
+        self.value_head = nn.Linear((critic_palm or palm).dim, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, seq, mask, start: int, temperature: float):
+        """seq, mask (b, n); the response is seq[:, start:]. Returns, for each response token,
+        its log-prob under softmax(logits / T), the policy's entropy there, and the value of the
+        state before it: three (b, n - start) tensors."""
+        logits = self.palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=self.actor_scope)[:, start - 1:]
+        log_probs_all = (logits.float() / temperature).log_softmax(dim=-1)  # (b, r, v)
+        log_probs = log_probs_all.gather(-1, seq[:, start:, None]).squeeze(-1)
+        entropy = -(log_probs_all.exp() * log_probs_all).sum(dim=-1)
+        return log_probs, entropy, self.values(seq, mask, start)
+
+    def values(self, seq, mask, start: int):
+        critic = self.critic_palm or self.palm
+        scope = None if self.critic_palm is not None else self.critic_scope
+        embeds = critic(seq[:, :-1], mask=mask[:, :-1], finetune_scope=scope, return_only_embedding=True)
+        return self.value_head(embeds[:, start - 1:]).squeeze(-1).float()  # (b, r)
+
+    def actor_parameters(self):
+        return self.palm.finetune_parameters(self.actor_scope)
+
+    def critic_parameters(self):
+        critic = list(self.critic_palm.parameters()) if self.critic_palm is not None else \
+            self.palm.finetune_parameters(self.critic_scope)
+        return critic + list(self.value_head.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# rollout storage
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. seq, mask (b, n); the rest (b, r) for the response seq[:, start:]."""
+
+    seq: torch.Tensor
+    mask: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    start: int
+    temperature: float
+
+    def tensor_names(self):
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def minibatch(self, index: torch.Tensor, device) -> dict:
+        return {name: getattr(self, name)[index].to(device) for name in self.tensor_names()}
+
+    def responses(self, tokenizer) -> list[str]:
+        response_tokens = self.mask.clone()
+        response_tokens[:, : self.start] = False
+        return decode_responses(self.seq, response_tokens, tokenizer)
+
+
+def memmap_rollout(rollout: Rollout, directory) -> Rollout:
+    """The same rollout backed by .npy memory-mapped files in `directory`, so long runs with large
+    rollouts keep them on disk; minibatches are read from the files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stored = {}
+    for name in rollout.tensor_names():
+        array = getattr(rollout, name).detach().cpu().numpy()
+        mapped = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=array.dtype, shape=array.shape)
+        mapped[:] = array
+        mapped.flush()
+        stored[name] = torch.from_numpy(mapped)
+    return Rollout(**stored, start=rollout.start, temperature=rollout.temperature)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def decode_responses(seq: torch.Tensor, response_mask: torch.Tensor, tokenizer) -> list[str]:
+    """The text of each row's response tokens: seq (b, n), response_mask (b, n) True at them."""
+    return [tokenizer.decode(s[m]) for s, m in zip(seq.cpu(), response_mask.cpu())]
+
+
+def text_reward_fn(score_texts, tokenizer=None):
+    """Turns `score_texts(list of response strings) -> list of floats` into a reward_fn."""
+    tokenizer = tokenizer or ByteTokenizer()
+
+    def reward_fn(seq, prompt_mask, mask):
+        texts = decode_responses(seq, mask & ~prompt_mask, tokenizer)
+        return torch.tensor(score_texts(texts), dtype=torch.float, device=seq.device)
+
+    return reward_fn
+
+
+def prompt_list(prompt_token_ids, prompts, tokenizer, pad_id: int) -> list[torch.Tensor]:
+    """Prompts as 1-D token tensors; text prompts start with EOS, the begin-of-document token."""
+    if (prompt_token_ids is None) == (prompts is None):
+        raise ValueError("pass exactly one of prompt_token_ids (token ids) or prompts (text)")
+    if prompts is not None:
+        ids = [torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p))) for p in prompts]
+    elif isinstance(prompt_token_ids, torch.Tensor):
+        rows = prompt_token_ids if prompt_token_ids.ndim == 2 else prompt_token_ids[None]
+        ids = [row[row != pad_id] for row in rows]  # (b, n) padded with PAD, either side
+    else:
+        ids = [torch.as_tensor(p, dtype=torch.long) for p in prompt_token_ids]
+    if not ids or any(len(p) == 0 for p in ids):
+        raise ValueError("prompts must be a non-empty collection of non-empty prompts")
+    return [p.long().cpu() for p in ids]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class RLHFTrainer:
+    """PPO on a PaLM with a reward model (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`) or
+    a programmatic `reward_fn` of the same signature. Only the actor and critic adapters (and value
+    head) are trained; the base and the reward model stay frozen."""
+
+    @beartype
+    def __init__(
+        self,
+        *,
+        palm: PaLM,
+        reward_model: nn.Module | None = None,
+        reward_fn=None,
+        prompt_token_ids=None,
+        prompts: list[str] | None = None,
+        tokenizer=None,
+        critic_palm: PaLM | None = None,
+        actor_lora_r: int = 8,
+        critic_lora_r: int = 8,
+        actor_lora_scope: str = "actor",
+        critic_lora_scope: str = "critic",
+        actor_lr: float = 1e-4,
+        critic_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        beta: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        kl_estimator: str = "k1",
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        eps_clip: float = 0.2,
+        value_clip: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        max_norm: float | None = None,
+        epochs: int = 4,
+        minibatch_size: int = 16,
+        missing_eos_penalty: float | None = None,
+        rollout_memmap_dir: str | Path | None = None,
+        accelerator: Accelerator | None = None,
+        accelerate_kwargs: dict | None = None,
+    ):
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("pass exactly one of reward_model or reward_fn")
+        kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fails early on an unknown name
+        self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, palm.pad_id)
+        self.palm, self.reward_model = palm, reward_model
+        self.reward_fn = reward_model.score if reward_model is not None else reward_fn
+        self.kl = KLController(beta, kl_target, kl_horizon)
+        self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
+        self.eps_clip, self.value_clip, self.vf_coef, self.entropy_coef = eps_clip, value_clip, vf_coef, entropy_coef
+        self.max_norm, self.epochs, self.minibatch_size = max_norm, epochs, minibatch_size
+        self.missing_eos_penalty, self.rollout_memmap_dir = missing_eos_penalty, rollout_memmap_dir
+
+        # everything frozen but the two scopes; the reward model usually shares this base
+        if reward_model is not None:
+            reward_model.requires_grad_(False).eval()
+        scopes = {actor_lora_scope: actor_lora_r}
+        if critic_palm is None:
+            scopes[critic_lora_scope] = critic_lora_r
+        else:
+            critic_palm.requires_grad_(True)  # a separate critic is small and trained whole
+        for scope, r in scopes.items():
+            if scope not in palm.finetune_modules:  # present when resuming a trainer's palm
+                palm.add_finetune_params(scope, lora_r=r)
+        palm.finetune_only(*scopes)
+        actor_critic = ActorCritic(palm, actor_lora_scope, critic_lora_scope, critic_palm)
+        optimizer = torch.optim.AdamW([
+            dict(params=actor_critic.actor_parameters(), lr=actor_lr),
+            dict(params=actor_critic.critic_parameters(), lr=critic_lr),
+        ], weight_decay=weight_decay, betas=(0.9, 0.95))
+        self.actor_critic, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
+        if reward_model is not None:
+            reward_model.to(self.accelerator.device)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def unwrapped(self) -> ActorCritic:
+        return self.accelerator.unwrap_model(self.actor_critic)
+
+    @property
+    def actor_scope(self) -> str:
+        return self.unwrapped.actor_scope
+
+    def score(self, seq, mask, start: int) -> torch.Tensor:
+        """The reward model's (or reward_fn's) score of each sequence, whose response starts at `start`: (b,)."""
+        positions = torch.arange(seq.shape[1], device=seq.device)
+        prompt_mask = (positions < start).expand_as(mask) & mask
+        with self.accelerator.autocast():
+            scores = self.reward_fn(seq, prompt_mask=prompt_mask, mask=mask)
+        scores = torch.as_tensor(scores, device=seq.device).float().reshape(-1)
+        if scores.shape[0] != seq.shape[0]:
+            raise ValueError(f"the reward gave {scores.shape[0]} scores for {seq.shape[0]} sequences")
+        return scores
+
+    @torch.no_grad()
+    def sample(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, **sampling):
+        """Responses from the actor: seq, mask (b, n) (prompt left-padded, response right-padded
+        after its EOS) and the response start."""
+        prompt, prompt_mask = left_pad(prompts, self.palm.pad_id)
+        tokens = self.palm.generate(max_seq_len, prompt=prompt.to(self.device), prompt_mask=prompt_mask.to(self.device),
+                                    temperature=temperature, eos_token=self.tokenizer.eos_id,
+                                    finetune_scope=self.actor_scope, **sampling)
+        responses_mask = response_mask(tokens, self.tokenizer.eos_id)
+        length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
+        seq = torch.cat((prompt.to(self.device), tokens[:, :length]), dim=1)
+        mask = torch.cat((prompt_mask.to(self.device), responses_mask[:, :length]), dim=1)
+        return seq, mask, prompt.shape[1]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
+        """Steps 1-4 for a batch of prompts -> (Rollout, diagnostics)."""
+        self.actor_critic.eval()
+        # 1. sample; log-probs recomputed by a forward pass so the first PPO ratio is exactly 1
+        seq, mask, start = self.sample(prompts, max_seq_len, temperature)
+        resp_mask = mask[:, start:]  # (b, r)
+        with self.accelerator.autocast():
+            log_probs, entropy, values = self.unwrapped(seq, mask, start, temperature)  # 3. values too
+            ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
+        # 2. reward: -beta * KL per token, the score on the last response token
+        scores = self.score(seq, mask, start)
+        ended = (seq[:, start:] == self.tokenizer.eos_id).any(dim=1)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~ended).float()
+        kl = kl_penalty(log_probs, ref_log_probs, self.kl_estimator) * resp_mask
+        rewards = -self.kl.beta * kl
+        last = resp_mask.sum(dim=1) - 1
+        rewards[torch.arange(len(seq)), last] += scores
+        # 4. GAE, returns, whitened advantages
+        advantages, returns = gae(rewards, values, resp_mask, self.gamma, self.lam)
+        stats = dict(
+            score=scores.mean(), kl=kl.sum(dim=1).mean(), beta=self.kl.beta,
+            response_length=resp_mask.sum(dim=1).float().mean(), ended_with_eos=ended.float().mean(),
+            entropy=masked_mean(entropy, resp_mask), explained_variance=explained_variance(values, returns, resp_mask),
+        )
+        rollout = Rollout(seq, mask, log_probs, values, masked_whiten(advantages, resp_mask), returns, start, temperature)
+        return rollout, {k: float(v) for k, v in stats.items()}
+
+    def learn(self, rollout: Rollout) -> dict:
+        """Step 5: epochs x minibatches of PPO updates; returns the averaged losses and diagnostics."""
+        self.actor_critic.train()
+        unwrapped, totals, count = self.unwrapped, {}, 0
+        for _ in range(self.epochs):
+            for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
+                mb = rollout.minibatch(index, self.device)
+                resp_mask = mb["mask"][:, rollout.start:]
+                with self.accelerator.autocast():
+                    log_probs, entropy, values = self.actor_critic(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
+                policy_loss, clip_fraction = clipped_policy_loss(log_probs, mb["log_probs"], mb["advantages"], resp_mask, self.eps_clip)
+                value_loss, value_clip_fraction = clipped_value_loss(values, mb["values"], mb["returns"], resp_mask, self.value_clip)
+                entropy = masked_mean(entropy, resp_mask)
+                loss = policy_loss + self.vf_coef * value_loss - self.entropy_coef * entropy
+                self.accelerator.backward(loss)
+                if self.max_norm is not None:
+                    self.accelerator.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
+                    self.accelerator.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
+                approx_kl = masked_mean(kl_penalty(mb["log_probs"], log_probs.detach(), "k3"), resp_mask)
+                for name, value in dict(policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
+                                        clip_fraction=clip_fraction, value_clip_fraction=value_clip_fraction).items():
+                    totals[name] = totals.get(name, 0.0) + float(value.detach())
+                count += 1
+        return {name: total / count for name, total in totals.items()}
+
+    def step(self, max_seq_len: int, rollout_batch_size: int = 16, temperature: float = 1.0):
+        """One PPO iteration on randomly drawn prompts -> (diagnostics, rollout)."""
+        index = torch.randint(len(self.prompts), (rollout_batch_size,)).tolist()
+        rollout, stats = self.rollout([self.prompts[i] for i in index], max_seq_len, temperature)
+        if self.rollout_memmap_dir is not None:
+            rollout = memmap_rollout(rollout, self.rollout_memmap_dir)
+        stats.update(self.learn(rollout))
+        # every process sees the same diagnostics, so beta stays the same everywhere
+        stats = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean")) for k, v in stats.items()}
+        self.kl.update(stats["kl"], rollout_batch_size * self.accelerator.num_processes)
+        return stats, rollout
+
+    def train(self, num_episodes: int = 1024, max_seq_len: int = 64, rollout_batch_size: int = 16,
+              temperature: float = 1.0, callback=None) -> list[dict]:
+        """PPO for `num_episodes` sampled responses (one episode = one prompt and its response),
+        in iterations of `rollout_batch_size`. `callback(iteration, stats, rollout)` runs after each.
+        Returns the diagnostics of every iteration."""
+        history = []
+        iterations = max(1, math.ceil(num_episodes / rollout_batch_size))
+        progress = tqdm(range(iterations), desc="ppo", disable=not self.accelerator.is_local_main_process)
+        for iteration in progress:
+            stats, rollout = self.step(max_seq_len, rollout_batch_size, temperature)
+            history.append(stats)
+            progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+            if callback is not None:
+                callback(iteration, stats, rollout)
+        return history
+
+    @torch.no_grad()
+    def generate(self, max_seq_len: int, prompt, num_samples: int = 4, temperature: float = 1.0,
+                 return_scores: bool = False, **sampling):
+        """Best-of-N: samples `num_samples` responses to one prompt (1-D token ids, or text) and
+        returns the sequence (prompt + response, up to EOS) the reward scores highest; with
+        `return_scores`, also every sample's score (num_samples,) and the index chosen."""
+        if isinstance(prompt, str):
+            prompt = prompt_list(None, [prompt], self.tokenizer, self.palm.pad_id)[0]
+        if prompt.ndim != 1:
+            raise ValueError("generate takes one prompt (a 1-D tensor or a string)")
+        seq, mask, start = self.sample([prompt.cpu()] * num_samples, max_seq_len, temperature, **sampling)
+        scores = self.score(seq, mask, start)
+        best = int(scores.argmax())
+        best_seq = seq[best][mask[best]]
+        return (best_seq, scores, best) if return_scores else best_seq
+
+    def policy(self) -> PaLM:
+        """A copy of the tuned policy with the actor adapters merged and no other scope: a plain PaLM."""
+        policy = copy.deepcopy(self.palm)
+        policy.merge_finetune_params(self.actor_scope)
+        for scope in list(policy.finetune_modules):
+            policy.remove_finetune_params(scope)
+        return policy.requires_grad_(True)
+
+    def save_policy(self, path):
+        """Saves `policy()` with PaLM.save: PaLM.from_pretrained(path) loads it."""
+        self.policy().save(path)
