@@ -2,7 +2,7 @@
 with Pathways"), section 2. Each choice and where it comes from:
 
 - Parallel block: y = x + Attn(LN(x)) + FF(LN(x)), one fused input projection for q, k, v and the
-  feed-forward (PaLM 2, after GPT-J, Wang & Komatsuzaki 2021), one fused output projection.
+  feed-forward (PaLM 2, after GPT-J, Wang & Komatsuzaki 2021).
 - SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer").
 - Rotary position embeddings (Su et al. 2021, RoFormer); xPos as an option (Sun et al. 2022,
   "A Length-Extrapolatable Transformer").
@@ -203,7 +203,8 @@ class ParallelBlock(nn.Module):
         self.split_sizes = (attn_inner, dim_head, dim_head, 2 * ff_inner)  # q, k, v, SwiGLU
         self.norm = nn.LayerNorm(dim, bias=False)
         self.fused_in = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        self.fused_out = nn.Linear(attn_inner + ff_inner, dim, bias=False)
+        self.attn_out = nn.Linear(attn_inner, dim, bias=False)
+        self.ff_out = nn.Linear(ff_inner, dim, bias=False)
         self.attn_dropout, self.ff_dropout = attn_dropout, ff_dropout
 
     def forward(self, x, rotary, mask, backend, lora=None, cache=None, layer=0):
@@ -227,10 +228,10 @@ class ParallelBlock(nn.Module):
 
         ff_in, gate = ff.chunk(2, dim=-1)
         ff_hidden = F.dropout(F.silu(gate) * ff_in, self.ff_dropout, self.training)  # SwiGLU
-        out = self.fused_out(torch.cat((attn, ff_hidden), dim=-1))
+        attn_out = self.attn_out(attn)
         if lora is not None:
-            out = out + lora["o"](attn)
-        return x + out
+            attn_out = attn_out + lora["o"](attn)
+        return x + attn_out + self.ff_out(ff_hidden)
 
 
 ATTEND = {"math": attend_math, "sdpa": attend_sdpa, "flash": attend_flash_attn}
@@ -362,7 +363,7 @@ class PaLM(nn.Module):
                 w_in[:q_end] += lora["q"].delta_weight()
                 w_in[q_end:k_end] += lora["k"].delta_weight()
                 w_in[k_end:v_end] += lora["v"].delta_weight()
-                layer.fused_out.weight[:, :q_end] += lora["o"].delta_weight()
+                layer.attn_out.weight += lora["o"].delta_weight()
         self.remove_finetune_params(scope)
 
     def _check_scope(self, scope):
@@ -407,7 +408,7 @@ class PaLM(nn.Module):
                 mask = mask[:, :-1]
             logits = self(inputs, mask=mask, finetune_scope=finetune_scope, disable_lora=disable_lora,
                           extra_embed=extra_embed)
-            return F.cross_entropy(rearrange(logits, "b n v -> b v n"), targets, ignore_index=self.pad_id)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.pad_id)
 
         if cache is None:
             self._check_token_ids(x)
