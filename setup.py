@@ -22,6 +22,8 @@ setup(
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
         "test": ["pytest", "matplotlib", "vaderSentiment==3.3.2"],
+        "feedback": ["django==5.2.19", "waitress==3.0.2"],
     },
-    include_package_data=True,
+    package_data={"palm_rlhf.feedback": ["templates/feedback/*.html", "static/feedback/*"]},
+    entry_points={"console_scripts": ["palm-rlhf-feedback=palm_rlhf.feedback.__main__:main"]},
 )
