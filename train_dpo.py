@@ -1,7 +1,7 @@
 """Direct preference optimisation of the pretrained PaLM on human-rated movie-review snippets:
 DPO, IPO, conservative DPO (pairs) or KTO (unpaired desirable / undesirable snippets).
 
-    python train_dpo.py                        # DPO from runs/lm/final, ~25 min on 2 CPU cores
+    python train_dpo.py                        # DPO from runs/lm/final, ~15 min on 2 CPU cores
     python train_dpo.py --method kto --out_dir runs/kto
     python train_dpo.py --resume               # continue a killed run where it stopped
 
@@ -75,7 +75,7 @@ class TrainDPOConfig:
     max_len: int = field(default=320, metadata={"help": "longest sequence in bytes (longer responses are cut)"})
     precompute_ref: bool = field(default=False, metadata={"help": "compute the reference log-probs of all training data once, not per batch"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
-    eval_every: int = field(default=100, metadata={"help": "steps between held-out preference evaluations"})
+    eval_every: int = field(default=50, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
     num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts sampled before and after training"})
     gen_len: int = field(default=96, metadata={"help": "bytes sampled per prompt"})

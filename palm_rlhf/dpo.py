@@ -245,9 +245,10 @@ class DPOTrainer:
         optimizer = torch.optim.AdamW(palm.finetune_parameters(scope), lr=lr, weight_decay=weight_decay)
         # stepped once per optimizer step on every process, so not handed to accelerator.prepare
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda_warmup_cosine(warmup_steps, total_steps or 10**9))
+            optimizer, lr_lambda_warmup_cosine(warmup_steps, total_steps or 10**9))  # None: no decay
         self.model, self.optimizer = self.accelerator.prepare(palm, optimizer)
         self.step = 0
+        self.held_out_ref = {}
         self.ref_cache = self._reference_log_probs_of_all() if precompute_ref else None
 
     # --- batches ----------------------------------------------------------------------------------
@@ -358,6 +359,16 @@ class DPOTrainer:
 
     # --- evaluation -------------------------------------------------------------------------------
 
+    def _held_out_reference(self, batch, seq, mask, response_mask):
+        """Reference log-probs of evaluation pairs, (2b,), memoised: the base is frozen, so they
+        never change and each evaluation after the first costs half as much."""
+        keys = [(p["prompt"], p["chosen"], p["rejected"]) for p in batch]
+        if not all(k in self.held_out_ref for k in keys):
+            ref = sequence_log_probs(self.palm, seq, mask, response_mask, disable_lora=True)
+            self.held_out_ref.update(zip(keys, torch.stack(ref.chunk(2), dim=-1)))
+        ref = torch.stack([self.held_out_ref[k] for k in keys])  # (b, 2): chosen, rejected
+        return torch.cat((ref[:, 0], ref[:, 1]))
+
     @torch.no_grad()
     def evaluate(self, pairs: list, batch_size: int = 32) -> dict:
         """Implicit-reward preference accuracy on held-out pairs (whatever the training method):
@@ -366,6 +377,8 @@ class DPOTrainer:
         self.model.eval()
         # each process scores its own slice; the sums are added across processes
         mine = pairs[self.accelerator.process_index :: self.accelerator.num_processes]
+        # only sums are kept, so the order is free: sorting by length leaves little padding
+        mine = sorted(mine, key=lambda p: len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])))
         chosen, rejected = [], []
         for start in range(0, len(mine), batch_size):
             batch = mine[start : start + batch_size]
@@ -373,8 +386,7 @@ class DPOTrainer:
             responses = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
             seq, mask, response_mask = (t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len))
             policy = sequence_log_probs(self.palm, seq, mask, response_mask, finetune_scope=self.scope)
-            ref = sequence_log_probs(self.palm, seq, mask, response_mask, disable_lora=True)
-            rewards = self.beta * (policy - ref)
+            rewards = self.beta * (policy - self._held_out_reference(batch, seq, mask, response_mask))
             chosen.append(rewards[: len(batch)])
             rejected.append(rewards[len(batch) :])
         self.model.train()

@@ -167,6 +167,21 @@ def test_implicit_reward_accuracy_rises_well_above_chance(method):
     assert after["reward_margin"] > 0
 
 
+def test_evaluate_matches_a_direct_computation_also_when_memoised():
+    trainer = make_trainer("dpo")
+    held_out = synthetic_pairs(12, seed=1)
+    trainer.evaluate(held_out)  # memoises the reference log-probs
+    trainer.train(num_steps=2)
+    got = trainer.evaluate(held_out, batch_size=5)
+    prompts = [p["prompt"] for p in held_out]
+    chosen, rejected = (encode_responses(prompts, [p[k] for p in held_out]) for k in ("chosen", "rejected"))
+    with torch.no_grad():
+        reward = [0.1 * (sequence_log_probs(trainer.palm, *batch, finetune_scope="dpo")
+                         - sequence_log_probs(trainer.palm, *batch, disable_lora=True)) for batch in (chosen, rejected)]
+    assert got["pref_accuracy"] == pytest.approx(preference_accuracy(*reward).item())
+    assert got["reward_margin"] == pytest.approx((reward[0] - reward[1]).mean().item(), abs=1e-5)
+
+
 def test_only_adapter_weights_move_and_reference_is_unchanged():
     palm = tiny()
     base = {k: v.clone() for k, v in palm.state_dict().items()}
