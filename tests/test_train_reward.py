@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.data import write_jsonl
+from palm_rlhf.reward import RewardModel, encode_reward_input, pad_right
+from palm_rlhf.training import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--batch_size", "8", "--max_len", "96", "--max_test", "48", "--eval_every", "3"]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train_reward.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def scores(model, texts):
+    seq, prompt_mask, mask = pad_right(*zip(*(encode_reward_input(p, r) for p, r in texts)))
+    with torch.no_grad():
+        return model.eval().score(seq, prompt_mask, mask)
+
+
+TEXTS = [("The movie is", " a triumph."), ("The movie is", " a bore.")]
+
+
+def test_help_lists_every_option():
+    out = run_script("--help")
+    assert out.returncode == 0
+    for option in ("--lm_checkpoint", "--mode", "--data", "--lora_r", "--finetune_last_n_layers", "--resume", "--mixed_precision"):
+        assert option in out.stdout
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    out = run_script("--lm_checkpoint", "none", "--mode", "ranking", "--out_dir", str(tmp_path))
+    assert out.returncode != 0 and "--mode must be binned or pairwise" in out.stderr
+    out = run_script("--lm_checkpoint", str(tmp_path / "nothing"), "--out_dir", str(tmp_path))
+    assert out.returncode != 0 and "run train_lm.py first" in out.stderr
+
+
+def test_binned_run_on_an_lm_checkpoint_end_to_end_keeps_its_base(tmp_path):
+    torch.manual_seed(0)
+    PaLM.from_config(PaLMConfig.from_name("tiny")).save(tmp_path / "lm")
+    run = tmp_path / "run"
+    out = run_script(*TINY, "--lm_checkpoint", str(tmp_path / "lm"), "--steps", "3", "--out_dir", str(run))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "held-out pairwise accuracy" in out.stdout and "VADER lexicon" in out.stdout and "majority class" in out.stdout
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert 0 <= final["test_pairwise_acc"] <= 1 and 0 <= final["vader_pairwise_acc"] <= 1 and final["test_mae"] >= 0
+    assert (run / "reward.png").stat().st_size > 0
+
+    alone = RewardModel.from_pretrained(run / "final")
+    assert alone.num_binned_output == 5
+    rewards = scores(alone, TEXTS)
+    assert rewards.shape == (2,) and ((1 <= rewards) & (rewards <= 5)).all()
+    # the base was frozen, so the reward model attaches to the untouched LM, as train_ppo.py does
+    shared = RewardModel.from_pretrained(run / "final", palm=PaLM.from_pretrained(tmp_path / "lm"))
+    torch.testing.assert_close(scores(shared, TEXTS), rewards)
+
+
+@pytest.mark.slow
+def test_pairwise_run_from_a_fresh_palm_resumes_where_it_stopped(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--lm_checkpoint", "none", "--mode", "pairwise", "--out_dir", str(run)]
+    out = run_script(*args, "--steps", "4", "--checkpoint_every", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert RewardModel.from_pretrained(run / "final").num_binned_output == 0
+
+    out = run_script(*args, "--steps", "6", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed at step 4" in out.stdout
+    steps, _ = read_metrics(run / "metrics.csv")["train_loss"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ratings", "pairs"])
+def test_jsonl_data_in_either_format(tmp_path, kind):
+    if kind == "ratings":
+        records = [dict(prompt="Rate:", response=f" {'good ' * (i % 5)}{i}", rating=1 + i % 5) for i in range(60)]
+        mode = "binned"
+    else:
+        records = [dict(prompt=f"Q{i}:", chosen=" yes, gladly.", rejected=" no.") for i in range(60)]
+        mode = "pairwise"
+    write_jsonl(tmp_path / "data.jsonl", records)
+    run = tmp_path / "run"
+    out = run_script(*TINY, "--lm_checkpoint", "none", "--data", str(tmp_path / "data.jsonl"), "--mode", mode,
+                     "--steps", "2", "--out_dir", str(run))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test_pairwise_acc" in json.loads((run / "final_metrics.json").read_text())
+    if kind == "pairs":
+        out = run_script(*TINY, "--lm_checkpoint", "none", "--data", str(tmp_path / "data.jsonl"), "--out_dir", str(run))
+        assert out.returncode != 0 and "binned mode needs ratings" in out.stderr

@@ -1,0 +1,366 @@
+"""Stage 2: train a reward model on real human ratings (the VADER paper's rated movie-review snippets).
+
+    python train_reward.py                      # binned 1-5 star ratings, on runs/lm/final
+    python train_reward.py --mode pairwise      # Bradley-Terry on pairs derived from the ratings
+    python train_reward.py --resume             # continue a killed run where it stopped
+
+Leaves runs/reward/final (RewardModel.from_pretrained), which train_ppo.py loads onto its policy's
+base. Data (palm_rlhf/data.py): the snippets' `train` split is trained on; `test` is held out for
+the metrics below; `prompts` (the snippets whose first words prompt PPO) is never seen. A plain
+snippet is split into prompt (its first --prompt_words words) and response (the rest), the split
+PPO gives the reward model. Pairs: two snippets whose human means differ by >= --pair_margin, the
+higher one chosen. Held-out metrics: binned accuracy and mean absolute rating error (binned mode,
+beside the majority class), Pearson r with the human means, and pairwise accuracy on held-out
+pairs beside the VADER lexicon's (ties count half for both).
+"""
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.data import (
+    RatedText,
+    bin_rating,
+    load_rated_snippets,
+    make_preference_pairs,
+    read_jsonl,
+    read_pairs,
+    read_ratings,
+    split_snippets,
+    stable_bucket,
+)
+from palm_rlhf.reward import RewardModel, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
+from palm_rlhf.training import (
+    GracefulStop,
+    MetricsLogger,
+    available_trackers,
+    check_finite,
+    checkpoint_exists,
+    init_trackers,
+    load_checkpoint,
+    lr_lambda_warmup_cosine,
+    parse_config,
+    plot_metrics,
+    save_checkpoint,
+    set_seed,
+)
+
+VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
+
+
+@dataclass
+class TrainRewardConfig:
+    """Train a reward model (PaLM + LoRA + head) on human ratings; checkpoints resume; metrics go to CSV and a plot."""
+
+    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset"})
+    preset: str = field(default="small", metadata={"help": "model size when --lm_checkpoint is none"})
+    mode: str = field(default="binned", metadata={"help": "binned (K-way rating classifier) or pairwise (scalar, Bradley-Terry)"})
+    data: str = field(default="movieReviewSnippets", metadata={"help": f"a VADER rated set ({', '.join(VADER_SETS)}) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}"})
+    num_bins: int = field(default=5, metadata={"help": "rating bins (stars) of the binned head"})
+    prompt_words: int = field(default=4, metadata={"help": "words of a plain snippet used as its prompt (as review_prompts)"})
+    pair_margin: float = field(default=1.0, metadata={"help": "least difference of ratings for a derived preference pair"})
+    loss_margin: float = field(default=0.0, metadata={"help": "margin inside the Bradley-Terry loss (Llama 2)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the reward scope"})
+    finetune_last_n_layers: int | None = field(default=None, metadata={"help": "tune copies of the last N layers instead of LoRA"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the pooled embedding before the head"})
+    max_len: int = field(default=256, metadata={"help": "bytes per sequence; longer responses are cut, EOS kept"})
+    batch_size: int = field(default=32, metadata={"help": "ratings (or pairs) per process per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    max_test: int | None = field(default=None, metadata={"help": "cap on held-out ratings and pairs evaluated (quick checks)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    out_dir: str = field(default="runs/reward", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
+    seed: int = field(default=0, metadata={"help": "seed for the head, data order and pairing"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: ratings are dict(prompt, response, stars (1..K or None), mean); pairs dict(chosen, rejected)
+# with each side a (prompt, response)
+
+
+def vader_set_data(cfg) -> dict:
+    splits = split_snippets(load_rated_snippets(cfg.data))  # splits["prompts"] is never used here
+
+    def ratings(snippets):
+        return [dict(zip(("prompt", "response"), split_prompt(s.text, cfg.prompt_words)),
+                     stars=bin_rating(s.mean, cfg.num_bins), mean=s.mean) for s in snippets]
+
+    def pairs(snippets):
+        return [dict(chosen=split_prompt(p["chosen"], cfg.prompt_words), rejected=split_prompt(p["rejected"], cfg.prompt_words))
+                for p in make_preference_pairs(snippets, margin=cfg.pair_margin, seed=cfg.seed)]
+
+    return dict(train_ratings=ratings(splits["train"]), test_ratings=ratings(splits["test"]),
+                train_pairs=pairs(splits["train"]), test_pairs=pairs(splits["test"]))
+
+
+def pairs_from_ratings(ratings, margin, seed) -> list:
+    """Preference pairs among rated records, paired by data.make_preference_pairs (the record's index
+    stands in for its text)."""
+    rated = [RatedText(str(i), float(r["mean"]), str(i)) for i, r in enumerate(ratings)]
+    side = lambda i: (ratings[int(i)]["prompt"], ratings[int(i)]["response"])  # noqa: E731
+    return [dict(chosen=side(p["chosen"]), rejected=side(p["rejected"]))
+            for p in make_preference_pairs(rated, margin=margin, seed=seed)]
+
+
+def jsonl_data(cfg) -> dict:
+    """Ratings or pairs from a JSONL file; ~10% held out by a stable hash of each record."""
+    path = Path(cfg.data)
+    first = read_jsonl(path)[:1]
+    if first and "rating" in first[0]:
+        records = read_ratings(path)
+        ratings = [dict(prompt=r["prompt"], response=r["response"], mean=r["rating"],
+                        stars=int(r["rating"]) if r["rating"] == int(r["rating"]) else None) for r in records]
+        if cfg.mode == "binned" and any(r["stars"] is None or not 1 <= r["stars"] <= cfg.num_bins for r in ratings):
+            raise SystemExit(f"{path}: binned mode needs integer ratings in 1..{cfg.num_bins} (see --num_bins)")
+        held_out = [stable_bucket(r["prompt"] + "\n" + r["response"], 10) == 0 for r in ratings]
+        train = [r for r, h in zip(ratings, held_out) if not h]
+        test = [r for r, h in zip(ratings, held_out) if h]
+        return dict(train_ratings=train, test_ratings=test, train_pairs=pairs_from_ratings(train, cfg.pair_margin, cfg.seed),
+                    test_pairs=pairs_from_ratings(test, cfg.pair_margin, cfg.seed))
+    if first and "chosen" in first[0]:
+        if cfg.mode == "binned":
+            raise SystemExit(f"{path} holds preference pairs; binned mode needs ratings: use --mode pairwise")
+        pairs = [dict(chosen=(p["prompt"], p["chosen"]), rejected=(p["prompt"], p["rejected"])) for p in read_pairs(path)]
+        held_out = [stable_bucket("\n".join((*p["chosen"], p["rejected"][1])), 10) == 0 for p in pairs]
+        return dict(train_ratings=[], test_ratings=[], train_pairs=[p for p, h in zip(pairs, held_out) if not h],
+                    test_pairs=[p for p, h in zip(pairs, held_out) if h])
+    raise SystemExit(f"{path}: expected JSONL lines with prompt, response, rating or prompt, chosen, rejected")
+
+
+def load_data(cfg) -> dict:
+    if cfg.mode not in ("binned", "pairwise"):
+        raise SystemExit(f"--mode must be binned or pairwise, got {cfg.mode!r}")
+    if cfg.data in VADER_SETS:
+        data = vader_set_data(cfg)
+    elif cfg.data.endswith(".jsonl") and Path(cfg.data).is_file():
+        data = jsonl_data(cfg)
+    else:
+        raise SystemExit(f"--data {cfg.data!r}: expected one of {', '.join(VADER_SETS)} or an existing .jsonl file")
+    needed = "train_ratings" if cfg.mode == "binned" else "train_pairs"
+    if not data[needed]:
+        raise SystemExit(f"--data {cfg.data}: no training {needed.split('_')[1]} for --mode {cfg.mode}")
+    if cfg.max_test is not None:  # evenly spaced, since the files are ordered by rating
+        for key in ("test_ratings", "test_pairs"):
+            data[key] = data[key][:: max(1, len(data[key]) // cfg.max_test)][: cfg.max_test]
+    return data
+
+
+def encode(side, max_len) -> tuple:
+    return encode_reward_input(*side, max_len=max_len)
+
+
+def collate(sides, max_len, device) -> tuple:
+    """(prompt, response) pairs -> right-padded seq, prompt_mask, mask on `device`."""
+    return tuple(t.to(device) for t in pad_right(*zip(*(encode(s, max_len) for s in sides))))
+
+
+def sample_batch(items, batch_size, step, seed, rank) -> list:
+    """The batch depends only on (seed, step, rank), so a resumed run draws what an uninterrupted one would."""
+    rng = np.random.default_rng([seed, step, rank])
+    return [items[i] for i in rng.integers(0, len(items), size=batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def head_outputs(model, sides, cfg, device) -> torch.Tensor:
+    """The head's output for each (prompt, response): (N, K) logits or (N,) scalars."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for i in range(0, len(sides), cfg.batch_size):
+        seq, prompt_mask, mask = collate(sides[i : i + cfg.batch_size], cfg.max_len, device)
+        outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of pairs scored chosen > rejected; a tie counts half."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+
+
+def vader_pairwise_accuracy(pairs) -> float:
+    """The VADER lexicon's pairwise accuracy (compound score of prompt + response), the baseline."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise SystemExit("the VADER baseline needs vaderSentiment: pip install vaderSentiment==3.3.2") from None
+    analyzer = SentimentIntensityAnalyzer()
+    compound = lambda side: analyzer.polarity_scores("".join(side))["compound"]  # noqa: E731
+    return pairwise_accuracy(torch.tensor([compound(p["chosen"]) for p in pairs]),
+                             torch.tensor([compound(p["rejected"]) for p in pairs]))
+
+
+def majority_baseline(data) -> dict:
+    """The majority class of the training ratings: its held-out accuracy and mean absolute error."""
+    stars = torch.tensor([r["stars"] for r in data["test_ratings"]], dtype=torch.float)
+    majority = max(set(r["stars"] for r in data["train_ratings"]), key=[r["stars"] for r in data["train_ratings"]].count)
+    return dict(binned_acc=(stars == majority).float().mean().item(), mae=(stars - majority).abs().mean().item())
+
+
+def evaluate(model, data, cfg, device) -> dict:
+    binned = model.num_binned_output > 0
+    metrics = {}
+    if data["test_ratings"]:
+        outputs = head_outputs(model, [(r["prompt"], r["response"]) for r in data["test_ratings"]], cfg, device)
+        rewards = expected_rating(outputs) if binned else outputs
+        means = torch.tensor([float(r["mean"]) for r in data["test_ratings"]])
+        metrics["pearson_r"] = torch.corrcoef(torch.stack((rewards, means)))[0, 1].item()
+        if binned:
+            stars = torch.tensor([r["stars"] for r in data["test_ratings"]])
+            metrics["binned_acc"] = (outputs.argmax(dim=-1) + 1 == stars).float().mean().item()
+            metrics["mae"] = (rewards - stars).abs().mean().item()
+            metrics["loss"] = torch.nn.functional.cross_entropy(outputs, stars - 1).item()
+    if data["test_pairs"]:
+        chosen = head_outputs(model, [p["chosen"] for p in data["test_pairs"]], cfg, device)
+        rejected = head_outputs(model, [p["rejected"] for p in data["test_pairs"]], cfg, device)
+        if binned:
+            chosen, rejected = expected_rating(chosen), expected_rating(rejected)
+        else:
+            metrics["loss"] = bradley_terry_loss(chosen, rejected).item()
+        metrics["pairwise_acc"] = pairwise_accuracy(chosen, rejected)
+    return {f"test_{k}": v for k, v in metrics.items()}
+
+
+def print_table(metrics, baselines, print_fn) -> None:
+    rows = [("held-out pairwise accuracy", "test_pairwise_acc", "vader_pairwise_acc", "VADER lexicon"),
+            ("binned accuracy", "test_binned_acc", "majority_binned_acc", "majority class"),
+            ("mean absolute rating error", "test_mae", "majority_mae", "majority class"),
+            ("Pearson r with human means", "test_pearson_r", None, "")]
+    print_fn(f"{'metric':<28} {'reward model':>12}   baseline")
+    for name, key, baseline_key, baseline_name in rows:
+        if key in metrics:
+            baseline = f"{baselines[baseline_key]:.3f} ({baseline_name})" if baseline_key in baselines else ""
+            print_fn(f"{name:<28} {metrics[key]:>12.3f}   {baseline}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+
+def build_model(cfg) -> RewardModel:
+    if cfg.lm_checkpoint.lower() == "none":
+        palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset))
+    elif Path(cfg.lm_checkpoint).is_dir():
+        palm = PaLM.from_pretrained(cfg.lm_checkpoint)
+    else:
+        raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: no such folder; run train_lm.py first, "
+                         "or pass --lm_checkpoint none to start from a fresh PaLM")
+    return RewardModel(palm, num_binned_output=cfg.num_bins if cfg.mode == "binned" else 0, lora_r=cfg.lora_r,
+                       finetune_last_n_layers=cfg.finetune_last_n_layers, dropout=cfg.dropout)
+
+
+def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
+    if cfg.mode == "binned":
+        batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
+        seq, prompt_mask, mask = collate([(r["prompt"], r["response"]) for r in batch], cfg.max_len, device)
+        labels = torch.tensor([r["stars"] - 1 for r in batch], device=device)  # class indices 0..K-1
+        return model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels)
+    batch = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank)
+    # chosen and rejected in one forward pass, so DDP sees a single call
+    seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], cfg.max_len, device)
+    rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
+    return bradley_terry_loss(*rewards.chunk(2), margin=cfg.loss_margin)
+
+
+def train(cfg: TrainRewardConfig) -> dict:
+    out_dir = Path(cfg.out_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              log_with=available_trackers(), project_dir=str(out_dir))
+    set_seed(cfg.seed)
+    data = load_data(cfg)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.finetune_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # stepped once per optimizer step, not handed to accelerator.prepare (as in train_lm.py)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    checkpoint_dir = out_dir / "checkpoint"
+    start_step = 0
+    if cfg.resume:
+        if not checkpoint_exists(checkpoint_dir):
+            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
+        start_step = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        accelerator.print(f"resumed at step {start_step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    init_trackers(accelerator, "palm_rlhf_reward", asdict(cfg))
+    metrics = MetricsLogger(out_dir, accelerator)
+
+    baselines = {}
+    if data["test_pairs"]:
+        baselines["vader_pairwise_acc"] = vader_pairwise_accuracy(data["test_pairs"])
+    if cfg.mode == "binned" and data["test_ratings"]:
+        baselines.update({f"majority_{k}": v for k, v in majority_baseline(data).items()})
+    trainable = sum(p.numel() for p in unwrapped.finetune_parameters())
+    accelerator.print(f"{cfg.mode} reward model: {trainable / 1e3:.1f}k trainable of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M "
+                      f"parameters; {len(data['train_ratings'])} train / {len(data['test_ratings'])} held-out ratings, "
+                      f"{len(data['train_pairs'])} train / {len(data['test_pairs'])} held-out pairs; baselines {baselines}")
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=model, optimizer=optimizer,
+                        scheduler=scheduler, step=step, config=asdict(cfg))
+
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_reward",
+                    disable=not accelerator.is_main_process)
+    stop = GracefulStop()
+    for step in progress:
+        for micro in range(cfg.grad_accum):
+            with accelerator.accumulate(model):
+                loss = training_loss(model, data, cfg, step * cfg.grad_accum + micro, accelerator.process_index, accelerator.device)
+                mean_loss = accelerator.reduce(loss.detach(), "mean")
+                check_finite(mean_loss, step, hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unwrapped.finetune_parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        metrics.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0])
+        progress.set_postfix(loss=f"{mean_loss.item():.3f}")
+
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            # every process evaluates the whole held-out split: the same numbers everywhere, no gathering
+            held_out = evaluate(unwrapped, data, cfg, accelerator.device)
+            metrics.log(done, **held_out, **baselines)
+            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
+        if stop.requested_on_any(accelerator):
+            save(done)
+            accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")
+            sys.exit(130)
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save(done)
+
+    save(cfg.steps)
+    final = evaluate(unwrapped, data, cfg, accelerator.device)
+    if accelerator.is_main_process:
+        unwrapped.save(out_dir / "final")
+        (out_dir / "final_metrics.json").write_text(json.dumps(dict(**final, **baselines), indent=2))
+        panels = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
+                  ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]
+        logged = set(final) | set(baselines) | {"train_loss", "lr"}
+        plot_metrics(out_dir / "metrics.csv", out_dir / "reward.png", [p for p in panels if logged & set(p)])
+        print_table(final, baselines, print)
+        print(f"final reward model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'reward.png'}")
+    accelerator.end_training()
+    return dict(**final, **baselines)
+
+
+if __name__ == "__main__":
+    train(parse_config(TrainRewardConfig))
