@@ -1,15 +1,22 @@
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_dpo
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.data import write_jsonl
 from palm_rlhf.dpo import DPOTrainer
 from palm_rlhf.training import parse_config, read_metrics
+
+# the script is run in-process (faster than a subprocess, and a crash can be injected); it is a file
+# at the repository root, not a module of the package
+_spec = importlib.util.spec_from_file_location("train_dpo", Path(__file__).resolve().parents[1] / "train_dpo.py")
+train_dpo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_dpo)
 
 
 @pytest.fixture(scope="module")
