@@ -72,14 +72,14 @@ class TrainRewardConfig:
     max_len: int = field(default=256, metadata={"help": "bytes per sequence; longer responses are cut, EOS kept"})
     batch_size: int = field(default=32, metadata={"help": "ratings (or pairs) per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
-    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    eval_every: int = field(default=150, metadata={"help": "steps between held-out evaluations"})
     max_test: int | None = field(default=None, metadata={"help": "cap on held-out ratings and pairs evaluated (quick checks)"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     out_dir: str = field(default="runs/reward", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
@@ -183,12 +183,13 @@ def head_outputs(model, sides, cfg, device) -> torch.Tensor:
     """The head's output for each (prompt, response): (N, K) logits or (N,) scalars."""
     was_training = model.training
     model.eval()
+    order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))  # less padding
     outputs = []
-    for i in range(0, len(sides), cfg.batch_size):
-        seq, prompt_mask, mask = collate(sides[i : i + cfg.batch_size], cfg.max_len, device)
+    for start in range(0, len(order), cfg.batch_size):
+        seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], cfg.max_len, device)
         outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
     model.train(was_training)
-    return torch.cat(outputs)
+    return torch.cat(outputs)[torch.tensor(order).argsort()]
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -319,6 +320,7 @@ def train(cfg: TrainRewardConfig) -> dict:
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_reward",
                     disable=not accelerator.is_main_process)
     stop = GracefulStop()
+    final = None
     for step in progress:
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(model):
@@ -340,6 +342,7 @@ def train(cfg: TrainRewardConfig) -> dict:
             held_out = evaluate(unwrapped, data, cfg, accelerator.device)
             metrics.log(done, **held_out, **baselines)
             progress.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
+            final = held_out if done == cfg.steps else None
         if stop.requested_on_any(accelerator):
             save(done)
             accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")
@@ -348,7 +351,7 @@ def train(cfg: TrainRewardConfig) -> dict:
             save(done)
 
     save(cfg.steps)
-    final = evaluate(unwrapped, data, cfg, accelerator.device)
+    final = final or evaluate(unwrapped, data, cfg, accelerator.device)
     if accelerator.is_main_process:
         unwrapped.save(out_dir / "final")
         (out_dir / "final_metrics.json").write_text(json.dumps(dict(**final, **baselines), indent=2))

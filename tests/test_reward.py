@@ -205,7 +205,7 @@ def test_whole_model_fine_tuning_saves_the_tuned_base(tmp_path):
     model = RewardModel(tiny_palm(), use_lora=False).eval()
     assert len(model.finetune_parameters()) == len(list(model.parameters()))
     with torch.no_grad():
-        model.palm.layers[0].fused_out.weight.mul_(2)
+        model.palm.layers[0].fused_in.weight.mul_(2)
     seq, prompt_mask, mask = batch(TEXTS)
     model.save(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
