@@ -77,8 +77,8 @@ class TrainDPOConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
     eval_every: int = field(default=50, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
-    num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts sampled before and after training"})
-    gen_len: int = field(default=96, metadata={"help": "bytes sampled per prompt"})
+    num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts (the last N; 32 = train_ppo.py's) sampled before and after training"})
+    gen_len: int = X
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the before/after generations"})
     out_dir: str = field(default="runs/dpo", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot, summary.json"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
@@ -155,16 +155,17 @@ def sample_generations(palm, prompts: list, cfg, batch_size: int = 64, **scope):
 
 
 def generation_report(palm, scope: str, cfg) -> dict:
-    """VADER sentiment of samples from the reference (adapters off) and the policy, and the policy's
-    exact KL to the reference on its own samples."""
+    """VADER sentiment of the responses sampled from the reference (adapters off) and the policy, and
+    the policy's exact KL to the reference on its own samples. As in train_ppo.py: the last prompts
+    of the held-out split, and VADER scores the response alone, not the prompt."""
     tokenizer = ByteTokenizer()
-    prompts = review_prompts()[: cfg.num_eval_prompts]
+    prompts = review_prompts()[-cfg.num_eval_prompts :]
     report = {}
     for name, scope_args in (("before", dict(disable_lora=True)), ("after", dict(finetune_scope=scope))):
         heads, tails = sample_generations(palm, prompts, cfg, **scope_args)
-        texts = [p + tokenizer.decode(t) for p, t in zip(prompts, tails)]
-        report[f"vader_{name}"] = sum(vader_compound(texts)) / len(texts)
-        report[f"sample_{name}"] = texts[0]
+        responses = [tokenizer.decode(t) for t in tails]
+        report[f"vader_{name}"] = sum(vader_compound(responses)) / len(responses)
+        report[f"sample_{name}"] = prompts[0] + responses[0]
     per_token, per_response = [], []
     for start in range(0, len(heads), 64):
         seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + 64], tails[start : start + 64]))
@@ -180,7 +181,7 @@ def print_summary(cfg, before: dict, after: dict, report: dict):
     rows = [
         ("held-out preference accuracy", f"{before['pref_accuracy']:.3f}", f"{after['pref_accuracy']:.3f}"),
         ("held-out reward margin", f"{before['reward_margin']:.3f}", f"{after['reward_margin']:.3f}"),
-        ("VADER compound of samples", f"{report['vader_before']:+.3f}", f"{report['vader_after']:+.3f}"),
+        ("VADER compound of responses", f"{report['vader_before']:+.3f}", f"{report['vader_after']:+.3f}"),
         ("KL(policy || ref) per token", "0", f"{report['kl_per_token']:.4f}"),
         ("KL(policy || ref) per response", "0", f"{report['kl_per_response']:.3f}"),
     ]
