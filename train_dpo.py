@@ -78,7 +78,7 @@ class TrainDPOConfig:
     eval_every: int = field(default=50, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
     num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts (the last N; 32 = train_ppo.py's) sampled before and after training"})
-    gen_len: int = X
+    gen_len: int = field(default=72, metadata={"help": "bytes sampled per prompt (with the ~24-byte prompts, train_ppo.py's 96 in all)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the before/after generations"})
     out_dir: str = field(default="runs/dpo", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot, summary.json"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
