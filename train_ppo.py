@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM
 from palm_rlhf.data import review_prompts
-from palm_rlhf.ppo import RLHFTrainer, prompt_list
+from palm_rlhf.ppo import RLHFTrainer, decode_responses, prompt_list
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import ByteTokenizer
 from palm_rlhf.training import (
@@ -96,18 +96,23 @@ def load_models(cfg):
 
 
 @torch.no_grad()
-def evaluate(trainer, prompts, cfg, num_samples=1) -> dict:
+def evaluate(trainer, prompts, cfg, num_samples=1, chunk=64) -> dict:
     """Best-of-`num_samples` responses of the current actor to each prompt, sampled at a fixed seed:
     their mean reward-model score and mean VADER sentiment, and one example."""
     generator = torch.Generator(trainer.device).manual_seed(cfg.seed)
+    repeated = [p for p in prompts for _ in range(num_samples)]
     scores, texts = [], []
-    for prompt in prompts:
-        best, all_scores, index = trainer.generate(cfg.max_seq_len, prompt, num_samples=num_samples, temperature=cfg.temperature,
-                                                   return_scores=True, generator=generator)
-        scores.append(float(all_scores[index]))
-        texts.append(trainer.tokenizer.decode(best[len(prompt):]))
-    return dict(score=sum(scores) / len(scores), vader=vader_compound(texts),
-                example=trainer.tokenizer.decode(prompts[0][1:]) + texts[0])
+    for i in range(0, len(repeated), chunk):  # many prompts per batch: a batch of prompts at a time, not one by one
+        seq, mask, start = trainer.sample(repeated[i : i + chunk], cfg.max_seq_len, cfg.temperature, generator=generator)
+        scores.append(trainer.score(seq, mask, start).cpu())
+        response_tokens = mask.clone()
+        response_tokens[:, :start] = False
+        texts += decode_responses(seq, response_tokens, trainer.tokenizer)
+    scores = torch.cat(scores).view(len(prompts), num_samples)  # (prompts, N)
+    best = scores.argmax(dim=1)
+    best_texts = [texts[i * num_samples + int(j)] for i, j in enumerate(best)]
+    return dict(score=scores.max(dim=1).values.mean().item(), vader=vader_compound(best_texts),
+                example=trainer.tokenizer.decode(prompts[0][1:]) + best_texts[0])
 
 
 def comparison_table(before, after, best_of) -> str:
