@@ -181,7 +181,6 @@ def test_only_actor_and_critic_adapters_move_base_and_reward_model_stay_frozen()
     assert any(not torch.equal(head_before[k], v) for k, v in t.unwrapped.value_head.state_dict().items())
 
 
-@pytest.mark.slow  # ~15 s on an idle 2-core CPU, minutes on a loaded one
 def test_ppo_raises_the_reward_with_bounded_kl():
     torch.manual_seed(0)
     t = trainer(actor_lr=3e-3, critic_lr=3e-3, beta=0.02, minibatch_size=16, epochs=4)
