@@ -12,7 +12,8 @@ from palm_rlhf.reward import RewardModel, encode_reward_input, pad_right
 from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--batch_size", "8", "--max_len", "96", "--max_test", "48", "--eval_every", "3"]
+TINY = ["--preset", "tiny", "--batch_size", "8", "--max_len", "96", "--max_test", "48", "--eval_every", "3",
+        "--finetune_last_n_layers", "1"]
 
 
 def run_script(*args):
