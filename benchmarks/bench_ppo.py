@@ -12,6 +12,7 @@ per measurement (Hydra-RLHF reports LoRA-PPO below SFT).
 If palm-rlhf-pytorch (0.8.0) is installed, its RLHFTrainer does the same work (16 rollouts, one
 learning pass in minibatches of 8) and the speed ratio is printed.
 """
+import argparse
 import json
 import resource
 import statistics
@@ -129,8 +130,11 @@ def main():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--memory"]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", choices=["ppo", "lm"], help=argparse.SUPPRESS)  # one measurement, in a subprocess
+    args = parser.parse_args()
+    if args.memory:
         torch.set_num_threads(2)
-        print(json.dumps(peak_memory(sys.argv[2])))
+        print(json.dumps(peak_memory(args.memory)))
     else:
         main()
