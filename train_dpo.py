@@ -32,6 +32,7 @@ from palm_rlhf.data import (
     read_ratings,
     review_prompts,
     split_snippets,
+    vader_compound,
 )
 from palm_rlhf.dpo import METHODS, DPOTrainer, kto_examples, pack_sequences, reference_kl
 from palm_rlhf.training import (
@@ -125,16 +126,6 @@ def load_palm(cfg) -> PaLM:
 
 
 # before / after: sentiment of generations and KL to the reference
-
-
-def vader_compound(texts: list) -> list:
-    """VADER compound sentiment (Hutto & Gilbert 2014) of each text, in [-1, 1]."""
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise ImportError("the sentiment evaluation needs VADER: pip install vaderSentiment==3.3.2") from None
-    analyzer = SentimentIntensityAnalyzer()
-    return [analyzer.polarity_scores(text)["compound"] for text in texts]
 
 
 @torch.no_grad()

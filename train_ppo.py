@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM
-from palm_rlhf.data import review_prompts
+from palm_rlhf.data import review_prompts, vader_compound
 from palm_rlhf.ppo import RLHFTrainer, decode_responses, prompt_list
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import ByteTokenizer
@@ -75,14 +75,9 @@ class TrainPPOConfig:
     seed: int = field(default=0, metadata={"help": "seed of sampling and prompt order"})
 
 
-def vader_compound(texts) -> float:
+def mean_vader(texts) -> float:
     """Mean VADER compound sentiment (-1..1) of `texts`."""
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise SystemExit("the VADER oracle needs vaderSentiment: pip install vaderSentiment==3.3.2") from None
-    analyzer = SentimentIntensityAnalyzer()
-    return sum(analyzer.polarity_scores(t)["compound"] for t in texts) / max(1, len(texts))
+    return sum(vader_compound(texts)) / max(1, len(texts))
 
 
 def load_models(cfg):
@@ -111,7 +106,7 @@ def evaluate(trainer, prompts, cfg, num_samples=1, chunk=64) -> dict:
     scores = torch.cat(scores).view(len(prompts), num_samples)  # (prompts, N)
     best = scores.argmax(dim=1)
     best_texts = [texts[i * num_samples + int(j)] for i, j in enumerate(best)]
-    return dict(score=scores.max(dim=1).values.mean().item(), vader=vader_compound(best_texts),
+    return dict(score=scores.max(dim=1).values.mean().item(), vader=mean_vader(best_texts),
                 example=trainer.tokenizer.decode(prompts[0][1:]) + best_texts[0])
 
 
@@ -167,7 +162,7 @@ def train(cfg: TrainPPOConfig) -> dict:
     def log(iteration, stats, rollout):
         check_finite(stats["policy_loss"] + stats["value_loss"], iteration,
                      hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
-        metrics.log(iteration + 1, **stats, vader=vader_compound(rollout.responses(tokenizer)))
+        metrics.log(iteration + 1, **stats, vader=mean_vader(rollout.responses(tokenizer)))
 
     stop = GracefulStop()
     progress = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train_ppo",

@@ -34,6 +34,7 @@ from palm_rlhf.data import (
     read_ratings,
     split_snippets,
     stable_bucket,
+    vader_compound,
 )
 from palm_rlhf.reward import RewardModel, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
 from palm_rlhf.training import (
@@ -199,14 +200,9 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 def vader_pairwise_accuracy(pairs) -> float:
     """The VADER lexicon's pairwise accuracy (compound score of prompt + response), the baseline."""
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise SystemExit("the VADER baseline needs vaderSentiment: pip install vaderSentiment==3.3.2") from None
-    analyzer = SentimentIntensityAnalyzer()
-    compound = lambda side: analyzer.polarity_scores("".join(side))["compound"]  # noqa: E731
-    return pairwise_accuracy(torch.tensor([compound(p["chosen"]) for p in pairs]),
-                             torch.tensor([compound(p["rejected"]) for p in pairs]))
+    chosen = vader_compound(["".join(p["chosen"]) for p in pairs])
+    rejected = vader_compound(["".join(p["rejected"]) for p in pairs])
+    return pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected))
 
 
 def majority_baseline(data) -> dict:

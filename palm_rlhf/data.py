@@ -364,3 +364,14 @@ def corpus_token_file(corpus: str, split: str, tokenizer, cache_dir=None) -> Pat
     if not path.is_file():
         build_token_file(load_corpus(corpus)[split], path, tokenizer)
     return path
+
+
+def vader_compound(texts: list) -> list:
+    """VADER compound sentiment (Hutto & Gilbert 2014) of each text, in [-1, 1]: the independent
+    oracle no model here is trained on."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise ImportError("the VADER oracle needs vaderSentiment: pip install vaderSentiment==3.3.2") from None
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in texts]
