@@ -99,8 +99,9 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x, cos, sin, scale=1.0):
-    return (x * cos + rotate_half(x) * sin) * scale
+def apply_rotary(x, cos, sin, scale=None):
+    rotated = x * cos + rotate_half(x) * sin
+    return rotated if scale is None else rotated * scale
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,10 +111,11 @@ def apply_rotary(x, cos, sin, scale=1.0):
 
 def attend_math(q, k, v, mask, dropout_p, training):
     sim = torch.einsum("b h i d, b j d -> b h i j", q, k[:, 0]) * q.shape[-1] ** -0.5
-    if mask is None:
-        n, m = sim.shape[-2:]
+    n, m = sim.shape[-2:]
+    if mask is None and n > 1:  # a single last query sees every key: nothing to mask
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-    sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+    if mask is not None:
+        sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
     attn = F.dropout(sim.softmax(dim=-1), dropout_p, training)
     return torch.einsum("b h i j, b j d -> b h i d", attn, v[:, 0])
 
@@ -173,6 +175,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
+        self.any_padding = False
 
     def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Registers n new tokens' mask (b, n); returns their positions (b, n)."""
@@ -217,12 +220,13 @@ class ParallelBlock(nn.Module):
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
         k, v = k[:, None], v[:, None]  # (b, 1, n, d): one key/value head
         cos, sin, xpos_scale = rotary
-        q = apply_rotary(q, cos, sin, 1.0 if xpos_scale is None else xpos_scale)
-        k = apply_rotary(k, cos, sin, 1.0 if xpos_scale is None else xpos_scale.reciprocal())
+        q = apply_rotary(q, cos, sin, xpos_scale)
+        k = apply_rotary(k, cos, sin, None if xpos_scale is None else xpos_scale.reciprocal())
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (b, 1, m, d)
 
-        attend = ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
+        # one query (a cached decoding step) is two small matmuls: cheaper than a fused kernel's set-up
+        attend = attend_math if n == 1 else ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
         attn = attend(q, k, v, mask, self.attn_dropout, self.training)
         attn = rearrange(attn, "b h n d -> b n (h d)")
 
@@ -415,9 +419,10 @@ class PaLM(nn.Module):
         n = x.shape[1]
         if cache is not None:
             positions = cache.append_mask(mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-            key_mask = cache.key_mask[:, : cache.length + n]
-            # a prefill with no padding keeps the fused causal kernels; later steps need the mask
-            attn_mask = None if cache.length == 0 and bool(key_mask.all()) else attention_mask(key_mask, n)
+            cache.any_padding = cache.any_padding or (mask is not None and not bool(mask.all()))
+            # without padding, a prefill keeps the fused causal kernels and a one-token step needs no mask
+            unmasked = not cache.any_padding and (cache.length == 0 or n == 1)
+            attn_mask = None if unmasked else attention_mask(cache.key_mask[:, : cache.length + n], n)
         elif mask is not None:
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
             attn_mask = attention_mask(mask, n)
