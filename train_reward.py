@@ -1,7 +1,7 @@
 """Stage 2: train a reward model on real human ratings (the VADER paper's rated movie-review snippets).
 
-    python train_reward.py                      # binned 1-5 star ratings, on runs/lm/final
-    python train_reward.py --mode pairwise      # Bradley-Terry on pairs derived from the ratings
+    python train_reward.py                      # Bradley-Terry on pairs of rated snippets, on runs/lm/final
+    python train_reward.py --mode binned        # 1-5 star classifier (lucidrains' num_binned_output=5)
     python train_reward.py --resume             # continue a killed run where it stopped
 
 Leaves runs/reward/final (RewardModel.from_pretrained), which train_ppo.py loads onto its policy's
@@ -9,7 +9,8 @@ base. Data (palm_rlhf/data.py): the snippets' `train` split is trained on; `test
 the metrics below; `prompts` (the snippets whose first words prompt PPO) is never seen. A plain
 snippet is split into prompt (its first --prompt_words words) and response (the rest), the split
 PPO gives the reward model. Pairs: two snippets whose human means differ by >= --pair_margin, the
-higher one chosen. Held-out metrics: binned accuracy and mean absolute rating error (binned mode,
+higher one chosen; pairwise training uses every such pair within each batch of --batch_size rated
+snippets (InstructGPT's all-comparisons batching), a JSONL of pairs its pairs as given. Held-out metrics: binned accuracy and mean absolute rating error (binned mode,
 beside the majority class), Pearson r with the human means, and pairwise accuracy on held-out
 pairs beside the VADER lexicon's (ties count half for both).
 """
@@ -36,7 +37,7 @@ from palm_rlhf.data import (
     stable_bucket,
     vader_compound,
 )
-from palm_rlhf.reward import RewardModel, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
+from palm_rlhf.reward import RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
 from palm_rlhf.training import (
     GracefulStop,
     MetricsLogger,
@@ -61,7 +62,7 @@ class TrainRewardConfig:
 
     lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset"})
     preset: str = field(default="small", metadata={"help": "model size when --lm_checkpoint is none"})
-    mode: str = field(default="binned", metadata={"help": "binned (K-way rating classifier) or pairwise (scalar, Bradley-Terry)"})
+    mode: str = field(default="pairwise", metadata={"help": "pairwise (scalar, Bradley-Terry) or binned (K-way rating classifier)"})
     data: str = field(default="movieReviewSnippets", metadata={"help": f"a VADER rated set ({', '.join(VADER_SETS)}) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}"})
     num_bins: int = field(default=5, metadata={"help": "rating bins (stars) of the binned head"})
     prompt_words: int = field(default=4, metadata={"help": "words of a plain snippet used as its prompt (as review_prompts)"})
@@ -69,9 +70,10 @@ class TrainRewardConfig:
     loss_margin: float = field(default=0.0, metadata={"help": "margin inside the Bradley-Terry loss (Llama 2)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the reward scope"})
     finetune_last_n_layers: int | None = field(default=3, metadata={"help": "tune copies of the last N layers; 'none' tunes a LoRA scope of rank --lora_r instead"})
+    pool: str = field(default="mean", metadata={"help": "where the score is read: mean (over all real tokens) or eos (the final EOS)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the pooled embedding before the head"})
     max_len: int = field(default=256, metadata={"help": "bytes per sequence; longer responses are cut, EOS kept"})
-    batch_size: int = field(default=16, metadata={"help": "ratings (or pairs) per process per micro-batch"})
+    batch_size: int = field(default=32, metadata={"help": "rated texts (or given pairs) per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     steps: int = field(default=400, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -100,12 +102,11 @@ def vader_set_data(cfg) -> dict:
         return [dict(zip(("prompt", "response"), split_prompt(s.text, cfg.prompt_words)),
                      stars=bin_rating(s.mean, cfg.num_bins), mean=s.mean) for s in snippets]
 
-    def pairs(snippets):
-        return [dict(chosen=split_prompt(p["chosen"], cfg.prompt_words), rejected=split_prompt(p["rejected"], cfg.prompt_words))
-                for p in make_preference_pairs(snippets, margin=cfg.pair_margin, seed=cfg.seed)]
-
+    test_pairs = [dict(chosen=split_prompt(p["chosen"], cfg.prompt_words), rejected=split_prompt(p["rejected"], cfg.prompt_words))
+                  for p in make_preference_pairs(splits["test"], margin=cfg.pair_margin, seed=cfg.seed)]
+    # pairwise training forms its pairs inside each batch of rated texts: no fixed training pairs
     return dict(train_ratings=ratings(splits["train"]), test_ratings=ratings(splits["test"]),
-                train_pairs=pairs(splits["train"]), test_pairs=pairs(splits["test"]))
+                train_pairs=[], test_pairs=test_pairs)
 
 
 def pairs_from_ratings(ratings, margin, seed) -> list:
@@ -130,7 +131,7 @@ def jsonl_data(cfg) -> dict:
         held_out = [stable_bucket(r["prompt"] + "\n" + r["response"], 10) == 0 for r in ratings]
         train = [r for r, h in zip(ratings, held_out) if not h]
         test = [r for r, h in zip(ratings, held_out) if h]
-        return dict(train_ratings=train, test_ratings=test, train_pairs=pairs_from_ratings(train, cfg.pair_margin, cfg.seed),
+        return dict(train_ratings=train, test_ratings=test, train_pairs=[],
                     test_pairs=pairs_from_ratings(test, cfg.pair_margin, cfg.seed))
     if first and "chosen" in first[0]:
         if cfg.mode == "binned":
@@ -151,9 +152,8 @@ def load_data(cfg) -> dict:
         data = jsonl_data(cfg)
     else:
         raise SystemExit(f"--data {cfg.data!r}: expected one of {', '.join(VADER_SETS)} or an existing .jsonl file")
-    needed = "train_ratings" if cfg.mode == "binned" else "train_pairs"
-    if not data[needed]:
-        raise SystemExit(f"--data {cfg.data}: no training {needed.split('_')[1]} for --mode {cfg.mode}")
+    if not (data["train_ratings"] or (cfg.mode == "pairwise" and data["train_pairs"])):
+        raise SystemExit(f"--data {cfg.data}: no training {'ratings' if cfg.mode == 'binned' else 'ratings or pairs'} for --mode {cfg.mode}")
     if cfg.max_test is not None:  # evenly spaced, since the files are ordered by rating
         for key in ("test_ratings", "test_pairs"):
             data[key] = data[key][:: max(1, len(data[key]) // cfg.max_test)][: cfg.max_test]
@@ -261,7 +261,7 @@ def build_model(cfg) -> RewardModel:
         raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: no such folder; run train_lm.py first, "
                          "or pass --lm_checkpoint none to start from a fresh PaLM")
     return RewardModel(palm, num_binned_output=cfg.num_bins if cfg.mode == "binned" else 0, lora_r=cfg.lora_r,
-                       finetune_last_n_layers=cfg.finetune_last_n_layers, dropout=cfg.dropout)
+                       finetune_last_n_layers=cfg.finetune_last_n_layers, dropout=cfg.dropout, pool=cfg.pool)
 
 
 def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
@@ -270,6 +270,12 @@ def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
         seq, prompt_mask, mask = collate([(r["prompt"], r["response"]) for r in batch], cfg.max_len, device)
         labels = torch.tensor([r["stars"] - 1 for r in batch], device=device)  # class indices 0..K-1
         return model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels)
+    if data["train_ratings"]:  # every pair of the batch's rated texts at least --pair_margin apart
+        batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
+        seq, prompt_mask, mask = collate([(r["prompt"], r["response"]) for r in batch], cfg.max_len, device)
+        ratings = torch.tensor([float(r["mean"]) for r in batch], device=device)
+        rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
+        return all_pairs_bradley_terry_loss(rewards, ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
     batch = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank)
     # chosen and rejected in one forward pass, so DDP sees a single call
     seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], cfg.max_len, device)
@@ -308,6 +314,8 @@ def train(cfg: TrainRewardConfig) -> dict:
     accelerator.print(f"{cfg.mode} reward model: {trainable / 1e3:.1f}k trainable of {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M "
                       f"parameters; {len(data['train_ratings'])} train / {len(data['test_ratings'])} held-out ratings, "
                       f"{len(data['train_pairs'])} train / {len(data['test_pairs'])} held-out pairs; baselines {baselines}")
+    if cfg.mode == "pairwise" and data["train_ratings"]:
+        accelerator.print(f"pairwise training: every pair of each batch's {cfg.batch_size} rated texts whose ratings differ by >= {cfg.pair_margin}")
 
     def save(step):
         save_checkpoint(checkpoint_dir, accelerator=accelerator, model=model, optimizer=optimizer,

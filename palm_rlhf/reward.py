@@ -10,15 +10,20 @@ Choices, and where they come from:
 2. The prompt/response split is known to the model through two learned segment embeddings added to
    the token embeddings (lucidrains' `prompt_embed` / `response_embed`). They start at zero, so a
    fresh reward model sees exactly what the base sees.
-3. The score is read at the last real token of each sequence (the EOS ending the response), as in
-   InstructGPT (Ouyang et al. 2022) and lm-human-preferences: in a causal model it is the only
-   position that has seen the whole response; a masked mean would average in positions that saw
-   only part of it. Positions come from the mask, so any left or right padding gives the same score.
+3. Where the score is read (`pool`). "mean" (the default): the mean of the final embeddings over
+   every real token (prompt and response), then the head. "eos": the embedding at the last real
+   token, the EOS ending the response, as in InstructGPT (Ouyang et al. 2022) and
+   lm-human-preferences: in a causal model it is the one position that has seen the whole text.
+   On the VADER movie snippets, from the same 20-minute byte-level base, the mean scored held-out
+   pairs at 0.767 after 200 steps where the EOS read-out scored 0.609: a small model spreads
+   sentiment over many positions and cannot yet gather it into one. Either way positions come from
+   the mask, so any left or right padding gives the same score.
 4. Two heads. Binned ratings (`num_binned_output=K`): a K-way classifier trained with cross-entropy,
    labels are class indices 0..K-1 (a rating of k stars is label k - 1, as in lucidrains); the
    scalar handed to RL is the expected rating sum_k p_k * k on the 1..K star scale. Scalar
    (`num_binned_output=0`): one number, trained on preference pairs with the Bradley-Terry loss
-   (InstructGPT eq. 1, optionally with the Llama 2 margin), or regressed on float labels with MSE.
+   (InstructGPT eq. 1, optionally with the Llama 2 margin), on given pairs or on every pair of a
+   batch of rated texts (`all_pairs_bradley_terry_loss`), or regressed on float labels with MSE.
 5. Dropout is applied to the pooled embedding before the head, not inside the shared base, so
    training the reward model never changes how the shared PaLM behaves for the other roles.
 
@@ -49,6 +54,23 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=
     r_chosen, r_rejected (b,); margin a float or (b,) (Llama 2 makes it larger for clearer pairs).
     """
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def all_pairs_bradley_terry_loss(rewards: torch.Tensor, ratings: torch.Tensor, min_gap: float = 1.0,
+                                 margin=0.0) -> torch.Tensor:
+    """Bradley-Terry over every pair of a batch of rated texts (InstructGPT section 3.5 trains on all
+    K-choose-2 comparisons of a prompt at once): a batch of b texts, scored once, gives up to
+    b(b-1)/2 pairs instead of b/2.
+
+        loss = mean over (i, j) with ratings_i - ratings_j >= min_gap of -log sigmoid(r_i - r_j - margin)
+
+    rewards, ratings (b,). A batch with no pair far enough apart gives a zero loss (still a graph).
+    """
+    preferred = (ratings[:, None] - ratings[None, :]) >= min_gap  # (b, b): i is preferred over j
+    if not preferred.any():
+        return rewards.sum() * 0.0
+    reward_gaps = rewards[:, None] - rewards[None, :]  # (b, b): r_i - r_j
+    return -F.logsigmoid(reward_gaps[preferred] - margin).mean()
 
 
 def binned_rating_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,6 +159,7 @@ class RewardModel(nn.Module):
         reward_lora_scope: str = "reward",
         finetune_last_n_layers: int | None = None,
         dropout: float = 0.1,
+        pool: str = "mean",
     ):
         """Adds the scope `reward_lora_scope` to `palm` (LoRA of rank `lora_r`, or with
         `finetune_last_n_layers=N` trainable copies of its last N layers) and freezes its base.
@@ -144,10 +167,13 @@ class RewardModel(nn.Module):
         super().__init__()
         if num_binned_output == 1:
             raise ValueError("num_binned_output=1 is not a classifier; use 0 for a scalar reward")
+        if pool not in ("eos", "mean"):
+            raise ValueError(f"pool must be 'eos' (the final EOS) or 'mean' (over the real tokens), got {pool!r}")
+        self.pool = pool
         self.palm = palm
         self.args = dict(num_binned_output=num_binned_output, use_lora=use_lora, lora_r=lora_r,
                          reward_lora_scope=reward_lora_scope, finetune_last_n_layers=finetune_last_n_layers,
-                         dropout=dropout)
+                         dropout=dropout, pool=pool)
         self.num_binned_output = num_binned_output
         tunes_scope = use_lora or finetune_last_n_layers is not None
         self.scope = reward_lora_scope if tunes_scope else None
@@ -188,7 +214,11 @@ class RewardModel(nn.Module):
         segment = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)
         embeds = self.palm(seq, mask=mask, finetune_scope=self.scope, return_only_embedding=True,
                            extra_embed=segment.to(self.palm.token_emb.weight.dtype))
-        pooled = embeds[torch.arange(len(seq), device=seq.device), last_token_index(mask)]  # (b, D)
+        if self.pool == "eos":
+            pooled = embeds[torch.arange(len(seq), device=seq.device), last_token_index(mask)]  # (b, D)
+        else:
+            weights = mask.float() / mask.float().sum(dim=1, keepdim=True)  # (b, n), 0 at padding
+            pooled = torch.einsum("b n d, b n -> b d", embeds.float(), weights).to(embeds.dtype)
         logits = self.to_pred(self.dropout(pooled))
         if not self.num_binned_output:
             logits = logits.squeeze(-1)  # (b,)
@@ -248,6 +278,7 @@ class RewardModel(nn.Module):
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"no reward model at {directory} (expected config.json, written by RewardModel.save)")
         config = json.loads((directory / "config.json").read_text())
+        config.setdefault("pool", "eos")  # saved before `pool` existed, when the EOS was the only read-out
         if palm is None:
             palm = PaLM.from_pretrained(directory / "base")
         elif base_checksum(palm) != config["base_checksum"]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.reward import (
     RewardModel,
+    all_pairs_bradley_terry_loss,
     bradley_terry_loss,
     binned_rating_loss,
     encode_reward_input,
@@ -50,6 +51,23 @@ def test_bradley_terry_loss_against_hand_computed_values():
     assert per_pair.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2, rel=1e-6)
 
 
+def test_all_pairs_loss_uses_every_pair_far_enough_apart():
+    rewards = torch.tensor([1.0, 0.0, 3.0, -1.0])
+    ratings = torch.tensor([2.0, 0.8, 1.5, -3.0])
+    # pairs with rating gap >= 1 (preferred first): (0,1), (0,3), (1,3), (2,3); (0,2) and (1,2) are too close
+    pairs = [(0, 1), (0, 3), (1, 3), (2, 3)]
+    expected = sum(math.log(1 + math.exp(-(rewards[i] - rewards[j]).item())) for i, j in pairs) / len(pairs)
+    assert all_pairs_bradley_terry_loss(rewards, ratings, min_gap=1.0).item() == pytest.approx(expected, rel=1e-6)
+    chosen, rejected = zip(*pairs)
+    same_as_pairs = bradley_terry_loss(rewards[list(chosen)], rewards[list(rejected)], margin=0.5)
+    assert all_pairs_bradley_terry_loss(rewards, ratings, min_gap=1.0, margin=0.5).item() == pytest.approx(same_as_pairs.item())
+    # no pair far enough apart: zero loss that still backpropagates (a DDP rank must not skip backward)
+    rewards.requires_grad_(True)
+    loss = all_pairs_bradley_terry_loss(rewards, torch.zeros(4), min_gap=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and rewards.grad.abs().sum() == 0
+
+
 def test_binned_loss_and_expected_rating_against_hand_computed_values():
     logits = torch.tensor([[0.0, 0.0, math.log(2)]])  # probabilities 1/4, 1/4, 1/2
     assert binned_rating_loss(logits, torch.tensor([2])).item() == pytest.approx(math.log(2), rel=1e-6)
@@ -78,9 +96,10 @@ def test_last_token_index_with_left_and_right_padding():
     assert last_token_index(mask).tolist() == [1, 2, 1]
 
 
+@pytest.mark.parametrize("pool", ["mean", "eos"])
 @pytest.mark.parametrize("num_binned_output", [0, 5])
-def test_padding_never_changes_a_score(num_binned_output):
-    model = RewardModel(tiny_palm(), num_binned_output=num_binned_output).eval()
+def test_padding_never_changes_a_score(num_binned_output, pool):
+    model = RewardModel(tiny_palm(), num_binned_output=num_binned_output, pool=pool).eval()
     perturb_trainable(model)
     alone = torch.cat([model.score(*batch([pair])[:2]) for pair in TEXTS])
     seq, prompt_mask, mask = batch(TEXTS)  # right-padded to the longest, different amounts
@@ -96,6 +115,21 @@ def test_padding_never_changes_a_score(num_binned_output):
         padded[i, left[i] : left[i] + n] = seq[i, :n]
         padded_prompt[i, left[i] : left[i] + n] = prompt_mask[i, :n]
     torch.testing.assert_close(model.score(padded, prompt_mask=padded_prompt), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_each_pool_reads_what_it_says():
+    model = RewardModel(tiny_palm(), pool="mean").eval()
+    perturb_trainable(model)
+    seq, prompt_mask, mask = batch(TEXTS)
+    segment = torch.where(prompt_mask[..., None], model.prompt_embed, model.response_embed)
+    embeds = model.palm(seq, mask=mask, finetune_scope="reward", return_only_embedding=True, extra_embed=segment)
+    by_hand = torch.stack([embeds[i, mask[i]].mean(dim=0) for i in range(len(seq))])
+    torch.testing.assert_close(model.score(seq, prompt_mask=prompt_mask, mask=mask), model.to_pred(by_hand).squeeze(-1))
+    model.pool = "eos"
+    last = torch.stack([embeds[i, mask[i]][-1] for i in range(len(seq))])
+    torch.testing.assert_close(model.score(seq, prompt_mask=prompt_mask, mask=mask), model.to_pred(last).squeeze(-1))
+    with pytest.raises(ValueError, match="pool must be"):
+        RewardModel(tiny_palm(), pool="max")
 
 
 def test_the_model_knows_the_prompt_response_split():
