@@ -68,6 +68,8 @@ def measure(impl: str, task: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(impl, args).to(device)
+    if args.compile and task == "train":
+        model = torch.compile(model)
     tokens, step = time_train(model, args, device) if task == "train" else time_generate(
         model.eval(), args, device, int(task.split("_b")[1])
     )
@@ -104,6 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--gen_batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models for the training figure")
     parser.add_argument("--no_baseline", action="store_true", help="skip PaLM-rlhf-pytorch even if installed")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "TASK"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv=None):
     tasks = ["train"] + [f"generate_b{b}" for b in args.gen_batches]
     device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} threads"
     print(f"PaLM dim={args.dim} depth={args.depth} heads={args.heads} dim_head={args.dim_head} ({device})")
-    print(f"train: batch {args.batch} x {args.seq_len}; generate: {args.new_tokens} new tokens from {args.prompt_len}")
+    print(f"train{' (torch.compile)' if args.compile else ''}: batch {args.batch} x {args.seq_len}; generate: {args.new_tokens} new tokens from {args.prompt_len}")
     print(f"{'task':<14}{'impl':<20}{'tokens/s':>12}{'peak MB':>10}{'ratio':>9}")
     for task in tasks:
         results = {impl: run_in_subprocess(impl, task, argv) for impl in impls}

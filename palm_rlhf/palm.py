@@ -203,7 +203,9 @@ class ParallelBlock(nn.Module):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         attn_inner, ff_inner = heads * dim_head, dim * ff_mult
-        self.split_sizes = (attn_inner, dim_head, dim_head, 2 * ff_inner)  # q, k, v, SwiGLU
+        # q, k, v and SwiGLU's value and gate, split straight from the fused output so that backward
+        # concatenates their gradients once, not twice (as a later chunk of the SwiGLU part would)
+        self.split_sizes = (attn_inner, dim_head, dim_head, ff_inner, ff_inner)
         self.norm = nn.LayerNorm(dim, bias=False)
         self.fused_in = nn.Linear(dim, sum(self.split_sizes), bias=False)
         self.attn_out = nn.Linear(attn_inner, dim, bias=False)
@@ -213,7 +215,7 @@ class ParallelBlock(nn.Module):
     def forward(self, x, rotary, mask, backend, lora=None, cache=None, layer=0):
         b, n, _ = x.shape
         normed = self.norm(x)
-        q, k, v, ff = self.fused_in(normed).split(self.split_sizes, dim=-1)
+        q, k, v, ff_in, gate = self.fused_in(normed).split(self.split_sizes, dim=-1)
         if lora is not None:
             q, k, v = q + lora["q"](normed), k + lora["k"](normed), v + lora["v"](normed)
 
@@ -230,7 +232,6 @@ class ParallelBlock(nn.Module):
         attn = attend(q, k, v, mask, self.attn_dropout, self.training)
         attn = rearrange(attn, "b h n d -> b n (h d)")
 
-        ff_in, gate = ff.chunk(2, dim=-1)
         ff_hidden = F.dropout(F.silu(gate) * ff_in, self.ff_dropout, self.training)  # SwiGLU
         attn_out = self.attn_out(attn)
         if lora is not None:
