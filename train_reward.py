@@ -146,6 +146,8 @@ def jsonl_data(cfg) -> dict:
 def load_data(cfg) -> dict:
     if cfg.mode not in ("binned", "pairwise"):
         raise SystemExit(f"--mode must be binned or pairwise, got {cfg.mode!r}")
+    if cfg.pool not in ("mean", "eos"):
+        raise SystemExit(f"--pool must be mean or eos, got {cfg.pool!r}")
     if cfg.data in VADER_SETS:
         data = vader_set_data(cfg)
     elif cfg.data.endswith(".jsonl") and Path(cfg.data).is_file():

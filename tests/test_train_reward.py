@@ -39,6 +39,8 @@ def test_help_lists_every_option():
 def test_bad_input_gets_a_clear_error(tmp_path):
     out = run_script("--lm_checkpoint", "none", "--mode", "ranking", "--out_dir", str(tmp_path))
     assert out.returncode != 0 and "--mode must be binned or pairwise" in out.stderr
+    out = run_script("--lm_checkpoint", "none", "--pool", "max", "--out_dir", str(tmp_path))
+    assert out.returncode != 0 and "--pool must be mean or eos" in out.stderr
     out = run_script("--lm_checkpoint", str(tmp_path / "nothing"), "--out_dir", str(tmp_path))
     assert out.returncode != 0 and "run train_lm.py first" in out.stderr
 
