@@ -110,14 +110,14 @@ def apply_rotary(x, cos, sin, scale=None):
 
 
 def attend_math(q, k, v, mask, dropout_p, training):
-    sim = torch.einsum("b h i d, b j d -> b h i j", q, k[:, 0]) * q.shape[-1] ** -0.5
+    sim = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (b, h, i, j): k's one head broadcasts
     n, m = sim.shape[-2:]
     if mask is None and n > 1:  # a single last query sees every key: nothing to mask
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
     if mask is not None:
         sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
     attn = F.dropout(sim.softmax(dim=-1), dropout_p, training)
-    return torch.einsum("b h i j, b j d -> b h i d", attn, v[:, 0])
+    return attn @ v  # (b, h, i, d)
 
 
 def attend_sdpa(q, k, v, mask, dropout_p, training):
