@@ -102,11 +102,10 @@ def vader_set_data(cfg) -> dict:
         return [dict(zip(("prompt", "response"), split_prompt(s.text, cfg.prompt_words)),
                      stars=bin_rating(s.mean, cfg.num_bins), mean=s.mean) for s in snippets]
 
-    test_pairs = [dict(chosen=split_prompt(p["chosen"], cfg.prompt_words), rejected=split_prompt(p["rejected"], cfg.prompt_words))
-                  for p in make_preference_pairs(splits["test"], margin=cfg.pair_margin, seed=cfg.seed)]
+    test_ratings = ratings(splits["test"])
     # pairwise training forms its pairs inside each batch of rated texts: no fixed training pairs
-    return dict(train_ratings=ratings(splits["train"]), test_ratings=ratings(splits["test"]),
-                train_pairs=[], test_pairs=test_pairs)
+    return dict(train_ratings=ratings(splits["train"]), test_ratings=test_ratings, train_pairs=[],
+                test_pairs=pairs_from_ratings(test_ratings, cfg.pair_margin, cfg.seed))
 
 
 def pairs_from_ratings(ratings, margin, seed) -> list:
