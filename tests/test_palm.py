@@ -162,6 +162,16 @@ def test_cached_sampling_draws_the_pinned_tokens(model_overrides, sampling, expe
     torch.testing.assert_close(log_probs.sum(dim=1), torch.tensor(expected_log_prob_sums), atol=1e-3, rtol=0)
 
 
+def test_generated_tensors_can_enter_a_loss(palm):
+    """generate samples under inference mode; what it returns must still be usable by autograd."""
+    prompt = torch.randint(0, 256, (2, 4))
+    tokens, log_probs = palm.generate(12, prompt=prompt, return_log_probs=True)
+    assert not tokens.is_inference() and not log_probs.is_inference()
+    loss = palm(torch.cat((prompt, tokens), dim=1), return_loss=True) + log_probs.sum() * 0
+    loss.backward()
+    assert palm.token_emb.weight.grad is not None
+
+
 def test_out_of_range_token_ids_give_a_clear_error(palm):
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 258\)"):
         palm(torch.tensor([[1, 2, 258]]))
