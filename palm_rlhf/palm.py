@@ -129,7 +129,7 @@ def attend_one_query(q, k, v, mask, dropout_p, training):
     sim = (q.view(b, h, d) @ k[:, 0].transpose(1, 2)) * d**-0.5  # (b, h, m)
     if mask is not None:
         sim = sim.masked_fill(~mask[:, :, 0], torch.finfo(sim.dtype).min)  # mask (b, 1, 1, m) -> (b, 1, m)
-    attn = F.dropout(sim.softmax(dim=-1), dropout_p, training)
+    attn = F.dropout(sim.softmax(dim=-1), dropout_p) if training else sim.softmax(dim=-1)
     return (attn @ v[:, 0]).view(b, h, 1, d)
 
 
@@ -261,8 +261,10 @@ class ParallelBlock(nn.Module):
             v = v + lora["v"](normed)
 
         # q's h heads and k's one head are h + 1 heads side by side: rotated together, then split
+        # (views, not einops, on this path: a decoding step is a few dozen small ops, and einops'
+        # per-call cost showed in its profile)
         cos, sin, xpos = rotary
-        qk = apply_rotary(rearrange(qk, "b n (h d) -> b h n d", h=self.heads + 1), cos, sin)
+        qk = apply_rotary(qk.view(b, n, self.heads + 1, self.dim_head).transpose(1, 2), cos, sin)  # (b, h + 1, n, d)
         q, k = qk[:, : self.heads], qk[:, self.heads :]  # (b, h, n, d), (b, 1, n, d)
         if xpos is not None:
             q, k = q * xpos[0], k * xpos[1]
@@ -273,9 +275,11 @@ class ParallelBlock(nn.Module):
         # one query (a cached decoding step) is two small matmuls: cheaper than a fused kernel's set-up
         attend = attend_one_query if n == 1 else ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
         attn = attend(q, k, v, mask, self.attn_dropout, self.training)
-        attn = rearrange(attn, "b h n d -> b n (h d)")
+        attn = attn.transpose(1, 2).reshape(b, n, -1)  # (b, n, h * d)
 
-        ff_hidden = F.dropout(F.silu(gate) * ff_in, self.ff_dropout, self.training)  # SwiGLU
+        ff_hidden = F.silu(gate) * ff_in  # SwiGLU
+        if self.training:
+            ff_hidden = F.dropout(ff_hidden, self.ff_dropout)
         attn_out = self.attn_out(attn)
         if lora is not None:
             attn_out = attn_out + lora["o"](attn)
