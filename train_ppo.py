@@ -11,31 +11,14 @@ model here was trained on, so it tells whether RL improved the real thing or onl
 Leaves runs/ppo/final (the policy with its adapters merged; PaLM.from_pretrained), metrics.csv and ppo.png.
 """
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from palm_rlhf import PaLM
-from palm_rlhf.data import review_prompts, vader_compound
-from palm_rlhf.ppo import RLHFTrainer, decode_responses, prompt_list
-from palm_rlhf.reward import RewardModel
+from palm_rlhf.ppo import RLHFTrainer
+from palm_rlhf.rl_stage import load_models, run_rl_stage, split_prompts
 from palm_rlhf.tokenizer import ByteTokenizer
-from palm_rlhf.training import (
-    GracefulStop,
-    MetricsLogger,
-    available_trackers,
-    check_finite,
-    checkpoint_exists,
-    init_trackers,
-    load_checkpoint,
-    parse_config,
-    plot_metrics,
-    save_checkpoint,
-    set_seed,
-)
+from palm_rlhf.training import available_trackers, parse_config, set_seed
 
 
 @dataclass
@@ -75,124 +58,28 @@ class TrainPPOConfig:
     seed: int = field(default=0, metadata={"help": "seed of sampling and prompt order"})
 
 
-def mean_vader(texts) -> float:
-    """Mean VADER compound sentiment (-1..1) of `texts`."""
-    return sum(vader_compound(texts)) / max(1, len(texts))
-
-
-def load_models(cfg):
-    for flag, path, script in (("lm_checkpoint", cfg.lm_checkpoint, "train_lm.py"),
-                               ("reward_checkpoint", cfg.reward_checkpoint, "train_reward.py")):
-        if not Path(path).is_dir():
-            raise SystemExit(f"--{flag} {path}: no such folder; run {script} first")
-    palm = PaLM.from_pretrained(cfg.lm_checkpoint)
-    # the reward model's scope and head go onto the policy's base: one frozen base for all roles
-    return palm, RewardModel.from_pretrained(cfg.reward_checkpoint, palm=palm)
-
-
-@torch.no_grad()
-def evaluate(trainer, prompts, cfg, num_samples=1, chunk=64) -> dict:
-    """Best-of-`num_samples` responses of the current actor to each prompt, sampled at a fixed seed:
-    their mean reward-model score and mean VADER sentiment, and one example."""
-    generator = torch.Generator(trainer.device).manual_seed(cfg.seed)
-    repeated = [p for p in prompts for _ in range(num_samples)]
-    scores, texts = [], []
-    for i in range(0, len(repeated), chunk):  # many prompts per batch: a batch of prompts at a time, not one by one
-        seq, mask, start = trainer.sample(repeated[i : i + chunk], cfg.max_seq_len, cfg.temperature, generator=generator)
-        scores.append(trainer.score(seq, mask, start).cpu())
-        response_tokens = mask.clone()
-        response_tokens[:, :start] = False
-        texts += decode_responses(seq, response_tokens, trainer.tokenizer)
-    scores = torch.cat(scores).view(len(prompts), num_samples)  # (prompts, N)
-    best = scores.argmax(dim=1)
-    best_texts = [texts[i * num_samples + int(j)] for i, j in enumerate(best)]
-    return dict(score=scores.max(dim=1).values.mean().item(), vader=mean_vader(best_texts),
-                example=trainer.tokenizer.decode(prompts[0][1:]) + best_texts[0])
-
-
-def comparison_table(before, after, best_of) -> str:
-    lines = [f"{'policy':<26} {'RM score':>9} {'VADER':>7}"]
-    lines += [f"{'before PPO (the LM)':<26} {before[1]['score']:>9.3f} {before[1]['vader']:>7.3f}",
-              f"{'after PPO':<26} {after['score']:>9.3f} {after['vader']:>7.3f}"]
-    for n in best_of:
-        lines.append(f"{f'best-of-{n}, before PPO':<26} {before[n]['score']:>9.3f} {before[n]['vader']:>7.3f}")
-    return "\n".join(lines)
-
-
 def train(cfg: TrainPPOConfig) -> dict:
-    out_dir = Path(cfg.out_dir)
-    best_of = sorted({1, *(int(n) for n in cfg.best_of.split(",") if n.strip())})
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=str(out_dir))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=cfg.out_dir)
     set_seed(cfg.seed)
     palm, reward_model = load_models(cfg)
     tokenizer = ByteTokenizer()
-    texts = review_prompts(cfg.prompt_words)
-    if len(texts) <= cfg.num_eval_prompts:
-        raise SystemExit(f"only {len(texts)} prompts; lower --num_eval_prompts ({cfg.num_eval_prompts})")
-    eval_prompts = prompt_list(None, texts[-cfg.num_eval_prompts:], tokenizer, palm.pad_id)
+    train_prompts, eval_prompts = split_prompts(cfg, tokenizer, palm.pad_id)
     trainer = RLHFTrainer(
-        palm=palm, reward_model=reward_model, prompts=texts[: -cfg.num_eval_prompts], tokenizer=tokenizer,
+        palm=palm, reward_model=reward_model, prompts=train_prompts, tokenizer=tokenizer,
         actor_lora_r=cfg.lora_r, critic_lora_r=cfg.lora_r, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
         beta=cfg.beta, kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon, gamma=cfg.gamma, lam=cfg.lam,
         eps_clip=cfg.eps_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
         max_norm=cfg.max_grad_norm or None, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
         missing_eos_penalty=cfg.missing_eos_penalty, rollout_memmap_dir=cfg.rollout_memmap_dir, accelerator=accelerator,
     )
-    checkpoint_dir = out_dir / "checkpoint"
-    start, before = 0, None
-    if cfg.resume:
-        if not checkpoint_exists(checkpoint_dir):
-            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
-        state = load_checkpoint(checkpoint_dir, model=trainer.actor_critic, optimizer=trainer.optimizer)
-        start, trainer.kl.beta, before = state["step"], state["extra"]["beta"], state["extra"]["before"]
-        before = {int(n): v for n, v in before.items()}
-        accelerator.print(f"resumed at iteration {start}")
-    init_trackers(accelerator, "palm_rlhf_ppo", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator)
-    if before is None:  # the actor starts equal to the LM: its samples are the "before" column
-        before = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
-        metrics.log(0, eval_score=before[1]["score"], eval_vader=before[1]["vader"])
-        accelerator.print(f"before PPO: RM score {before[1]['score']:.3f}, VADER {before[1]['vader']:.3f}; "
-                          f"e.g. {before[1]['example']!r}")
-
-    def save(iteration):
-        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=trainer.actor_critic, optimizer=trainer.optimizer,
-                        step=iteration, extra=dict(beta=trainer.kl.beta, before=before), config=asdict(cfg))
-
-    def log(iteration, stats, rollout):
-        check_finite(stats["policy_loss"] + stats["value_loss"], iteration,
-                     hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
-        metrics.log(iteration + 1, **stats, vader=mean_vader(rollout.responses(tokenizer)))
-
-    stop = GracefulStop()
-    progress = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train_ppo",
-                    disable=not accelerator.is_main_process)
-    for iteration in progress:
-        stats, rollout = trainer.step(cfg.max_seq_len, cfg.rollout_batch_size, cfg.temperature)
-        log(iteration, stats, rollout)
-        progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
-        done = iteration + 1
-        if stop.requested_on_any(accelerator):
-            save(done)
-            accelerator.print(f"\nstopped at iteration {done}; checkpoint in {checkpoint_dir}; continue with --resume")
-            return {}
-        if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
-            save(done)
-
-    save(cfg.iterations)
-    after = evaluate(trainer, eval_prompts, cfg)
-    metrics.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
-    if accelerator.is_main_process:
-        trainer.save_policy(out_dir / "final")
-        plot_metrics(out_dir / "metrics.csv", out_dir / "ppo.png",
-                     [["score", "eval_score"], ["kl"], ["vader", "eval_vader"], ["response_length"],
-                      ["approx_kl", "clip_fraction", "explained_variance"]])
-        print(f"\non {len(eval_prompts)} held-out prompts, sampled at seed {cfg.seed} (KL to the LM at the end: "
-              f"{stats['kl'] if cfg.iterations > start else float('nan'):.3f} nats per response)")
-        print(comparison_table(before, after, best_of))
-        print(f"before: {before[1]['example']!r}\nafter:  {after['example']!r}")
-        print(f"tuned policy in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'ppo.png'}")
-    return dict(before=before, after=after)
+    return run_rl_stage(
+        cfg, trainer, accelerator=accelerator, model=trainer.actor_critic, stage="ppo", method="PPO",
+        eval_prompts=eval_prompts, step=lambda: trainer.step(cfg.max_seq_len, cfg.rollout_batch_size, cfg.temperature),
+        plot_panels=[["score", "eval_score"], ["kl"], ["vader", "eval_vader"], ["response_length"],
+                     ["approx_kl", "clip_fraction", "explained_variance"]],
+        extra_state=lambda: dict(beta=trainer.kl.beta),  # an adaptive beta resumes where it was
+        restore_state=lambda extra: setattr(trainer.kl, "beta", extra["beta"]),
+    )
 
 
 if __name__ == "__main__":

@@ -193,6 +193,14 @@ class KVCache:
         end = self.length + n
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_interleave(self, repeats: int):
+        """Each row becomes `repeats` consecutive rows (b -> b * repeats): a prompt encoded once
+        then serves every sample drawn from it."""
+        self.k = self.k.repeat_interleave(repeats, dim=1)  # (depth, b * repeats, 1, max_len, d)
+        self.v = self.v.repeat_interleave(repeats, dim=1)
+        self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
+        self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
+
 
 # ---------------------------------------------------------------------------------------------------
 # the parallel block
@@ -481,11 +489,14 @@ class PaLM(nn.Module):
         disable_lora: bool = False,
         prompt_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        num_samples_per_prompt: int = 1,
     ):
         """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
 
         prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or
         (b, n) with `prompt_mask` marking its real tokens. temperature 0 is greedy.
+        `num_samples_per_prompt=G` draws G samples of each prompt, rows b * G, prompt i's in rows
+        i * G .. i * G + G - 1; with the cache, each prompt is encoded once and its cache shared.
         Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
         `return_log_probs`, also their log-probs under softmax(logits / temperature) (the policy that
         PPO optimises; top-k/top-p only restrict what is sampled), 0 at PAD.
@@ -493,16 +504,27 @@ class PaLM(nn.Module):
         was_training = self.training
         self.eval()
         prompt, prompt_mask, unbatched = self._prepare_prompt(prompt, prompt_mask)
+        unbatched = unbatched and num_samples_per_prompt == 1
+        if not use_cache:  # no cache to share: the prompts are simply repeated
+            prompt = prompt.repeat_interleave(num_samples_per_prompt, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(num_samples_per_prompt, dim=0)
         b, n = prompt.shape
         num_new = seq_len - n
         if num_new < 1:
             raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({n})")
+        if num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}")
         scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
 
         cache = None
         if use_cache:
             cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device, self.token_emb.weight.dtype)
             logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
+            if num_samples_per_prompt > 1:
+                cache.repeat_interleave(num_samples_per_prompt)
+                logits = logits.repeat_interleave(num_samples_per_prompt, dim=0)
+                prompt = prompt.repeat_interleave(num_samples_per_prompt, dim=0)
+                b = b * num_samples_per_prompt
         else:
             seq, seq_mask = prompt, prompt_mask
             logits = self(seq, mask=seq_mask, **scope)[:, -1]

@@ -102,17 +102,26 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 
-def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2):
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, clip_high: float | None = None):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) per token, as a loss to minimise:
 
-        L = -E_t[ min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t) ],  rho_t = pi / pi_old
+        l_t = -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t),  rho_t = pi / pi_old
 
-    Returns the loss and the clip fraction (share of tokens where the clipped term is chosen)."""
+    eps_low = `clip`; eps_high = `clip_high`, or `clip` when None. A larger eps_high lets unlikely
+    tokens with a positive advantage gain more probability per update (DAPO's "Clip-Higher",
+    Yu et al. 2025, section 3.1). Returns l_t and whether the clipped term was chosen, both (b, r)."""
     ratio = (log_probs - old_log_probs).exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask)
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2, clip_high: float | None = None):
+    """The clipped surrogate, averaged over the response tokens: L = E_t[l_t].
+
+    Returns the loss and the clip fraction (share of tokens where the clipped term is chosen)."""
+    losses, is_clipped = clipped_surrogate(log_probs, old_log_probs, advantages, clip, clip_high)
+    return masked_mean(losses, mask), masked_mean(is_clipped.float(), mask)
 
 
 def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2):
@@ -157,36 +166,47 @@ class KLController:
 # actor and critic on one base
 
 
-class ActorCritic(nn.Module):
-    """The actor (LoRA scope on `palm`) and critic (its own LoRA scope on the same `palm`, or a
-    separate `critic_palm`) with a zero-initialised value head, so the values start at 0."""
+class Actor(nn.Module):
+    """The policy: a LoRA scope on `palm`."""
+
+    def __init__(self, palm: PaLM, actor_scope: str):
+        super().__init__()
+        self.palm, self.actor_scope = palm, actor_scope
+
+    def forward(self, seq, mask, start: int, temperature: float):
+        """seq, mask (b, n); the response is seq[:, start:]. Returns, for each response token,
+        its log-prob under softmax(logits / T) and the policy's entropy there: two (b, n - start) tensors."""
+        logits = self.palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=self.actor_scope)[:, start - 1:]
+        log_probs_all = (logits.float() / temperature).log_softmax(dim=-1)  # (b, r, v)
+        log_probs = log_probs_all.gather(-1, seq[:, start:, None]).squeeze(-1)
+        entropy = -(log_probs_all.exp() * log_probs_all).sum(dim=-1)
+        return log_probs, entropy
+
+    def actor_parameters(self):
+        return self.palm.finetune_parameters(self.actor_scope)
+
+
+class ActorCritic(Actor):
+    """The actor and a critic (its own LoRA scope on the same `palm`, or a separate `critic_palm`)
+    with a zero-initialised value head, so the values start at 0."""
 
     def __init__(self, palm: PaLM, actor_scope: str, critic_scope: str, critic_palm: PaLM | None = None):
-        super().__init__()
-        self.palm, self.critic_palm = palm, critic_palm
-        self.actor_scope, self.critic_scope = actor_scope, critic_scope
+        super().__init__(palm, actor_scope)
+        self.critic_palm, self.critic_scope = critic_palm, critic_scope
         self.value_head = nn.Linear((critic_palm or palm).dim, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, seq, mask, start: int, temperature: float):
-        """seq, mask (b, n); the response is seq[:, start:]. Returns, for each response token,
-        its log-prob under softmax(logits / T), the policy's entropy there, and the value of the
-        state before it: three (b, n - start) tensors."""
-        logits = self.palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=self.actor_scope)[:, start - 1:]
-        log_probs_all = (logits.float() / temperature).log_softmax(dim=-1)  # (b, r, v)
-        log_probs = log_probs_all.gather(-1, seq[:, start:, None]).squeeze(-1)
-        entropy = -(log_probs_all.exp() * log_probs_all).sum(dim=-1)
-        return log_probs, entropy, self.values(seq, mask, start)
+        """The actor's log-probs and entropy, and the value of the state before each response
+        token: three (b, n - start) tensors."""
+        return *super().forward(seq, mask, start, temperature), self.values(seq, mask, start)
 
     def values(self, seq, mask, start: int):
         critic = self.critic_palm or self.palm
         scope = None if self.critic_palm is not None else self.critic_scope
         embeds = critic(seq[:, :-1], mask=mask[:, :-1], finetune_scope=scope, return_only_embedding=True)
         return self.value_head(embeds[:, start - 1:]).squeeze(-1).float()  # (b, r)
-
-    def actor_parameters(self):
-        return self.palm.finetune_parameters(self.actor_scope)
 
     def critic_parameters(self):
         critic = list(self.critic_palm.parameters()) if self.critic_palm is not None else \
@@ -198,18 +218,9 @@ class ActorCritic(nn.Module):
 # rollout storage
 
 
-@dataclass
-class Rollout:
-    """One batch of experience. seq, mask (b, n); the rest (b, r) for the response seq[:, start:]."""
-
-    seq: torch.Tensor
-    mask: torch.Tensor
-    log_probs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    start: int
-    temperature: float
+class RolloutTensors:
+    """What a rollout dataclass with `seq`, `mask` (b, n) and the response `start` offers: its
+    tensors by name (None fields left out), a minibatch of them, the response texts."""
 
     def tensor_names(self):
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
@@ -221,6 +232,20 @@ class Rollout:
         response_tokens = self.mask.clone()
         response_tokens[:, : self.start] = False
         return decode_responses(self.seq, response_tokens, tokenizer)
+
+
+@dataclass
+class Rollout(RolloutTensors):
+    """One batch of experience. seq, mask (b, n); the rest (b, r) for the response seq[:, start:]."""
+
+    seq: torch.Tensor
+    mask: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    start: int
+    temperature: float
 
 
 def memmap_rollout(rollout: Rollout, directory) -> Rollout:
@@ -275,10 +300,113 @@ def prompt_list(prompt_token_ids, prompts, tokenizer, pad_id: int) -> list[torch
 
 
 # ---------------------------------------------------------------------------------------------------
-# the trainer
+# the trainers
 
 
-class RLHFTrainer:
+class PolicyTrainer:
+    """What the RL trainers share: prompts, a reward (a reward model,
+    `reward_model.score(seq, prompt_mask=, mask=) -> (b,)`, or a `reward_fn` of the same signature),
+    the accelerator, KV-cached sampling from the actor scope, scoring, best-of-N, and the tuned
+    policy as a plain PaLM. A subclass adds its scopes, its optimizer and `step`."""
+
+    def __init__(self, *, palm: PaLM, reward_model, reward_fn, prompt_token_ids, prompts, tokenizer, actor_scope: str,
+                 accelerator: Accelerator | None, accelerate_kwargs: dict | None = None):
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("pass exactly one of reward_model or reward_fn")
+        self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, palm.pad_id)
+        self.palm, self.reward_model, self.actor_scope = palm, reward_model, actor_scope
+        self.reward_fn = reward_model.score if reward_model is not None else reward_fn
+        if reward_model is not None:  # frozen; it usually shares this base, whose scopes come next
+            reward_model.requires_grad_(False).eval().to(self.accelerator.device)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def add_scopes(self, scopes: dict):
+        """LoRA scopes {name: rank} on the base (kept when resuming a trainer's palm); all else frozen."""
+        for scope, r in scopes.items():
+            if scope not in self.palm.finetune_modules:
+                self.palm.add_finetune_params(scope, lora_r=r)
+        self.palm.finetune_only(*scopes)
+
+    def score(self, seq, mask, start: int) -> torch.Tensor:
+        """The reward model's (or reward_fn's) score of each sequence, whose response starts at `start`: (b,)."""
+        positions = torch.arange(seq.shape[1], device=seq.device)
+        prompt_mask = (positions < start).expand_as(mask) & mask
+        with self.accelerator.autocast():
+            scores = self.reward_fn(seq, prompt_mask=prompt_mask, mask=mask)
+        scores = torch.as_tensor(scores, device=seq.device).float().reshape(-1)
+        if scores.shape[0] != seq.shape[0]:
+            raise ValueError(f"the reward gave {scores.shape[0]} scores for {seq.shape[0]} sequences")
+        return scores
+
+    @torch.no_grad()
+    def sample(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, group_size: int = 1,
+               **sampling):
+        """`group_size` responses from the actor to each prompt, prompt i's in rows i * G .. i * G + G - 1
+        (each prompt encoded once, its KV cache shared): seq, mask (b * G, n) (prompt left-padded,
+        response right-padded after its EOS) and the response start."""
+        prompt, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.palm.pad_id))
+        tokens = self.palm.generate(max_seq_len, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
+                                    eos_token=self.tokenizer.eos_id, finetune_scope=self.actor_scope,
+                                    num_samples_per_prompt=group_size, **sampling)
+        prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
+        responses_mask = response_mask(tokens, self.tokenizer.eos_id)
+        length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
+        seq = torch.cat((prompt, tokens[:, :length]), dim=1)
+        mask = torch.cat((prompt_mask, responses_mask[:, :length]), dim=1)
+        return seq, mask, prompt.shape[1]
+
+    def reduce_stats(self, stats: dict) -> dict:
+        """Each diagnostic averaged over processes, so every process sees the same values."""
+        return {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean")) for k, v in stats.items()}
+
+    def run_iterations(self, iterations: int, desc: str, callback=None, **step_kwargs) -> list[dict]:
+        """`iterations` calls of `self.step(**step_kwargs)`, `callback(iteration, stats, rollout)` after
+        each; returns the diagnostics of every iteration."""
+        history = []
+        progress = tqdm(range(iterations), desc=desc, disable=not self.accelerator.is_local_main_process)
+        for iteration in progress:
+            stats, rollout = self.step(**step_kwargs)
+            history.append(stats)
+            progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl") if k in stats})
+            if callback is not None:
+                callback(iteration, stats, rollout)
+        return history
+
+    @torch.no_grad()
+    def generate(self, max_seq_len: int, prompt, num_samples: int = 4, temperature: float = 1.0,
+                 return_scores: bool = False, **sampling):
+        """Best-of-N: samples `num_samples` responses to one prompt (1-D token ids, or text) and
+        returns the sequence (prompt + response, up to EOS) the reward scores highest; with
+        `return_scores`, also every sample's score (num_samples,) and the index chosen."""
+        if isinstance(prompt, str):
+            prompt = prompt_list(None, [prompt], self.tokenizer, self.palm.pad_id)[0]
+        if prompt.ndim != 1:
+            raise ValueError("generate takes one prompt (a 1-D tensor or a string)")
+        seq, mask, start = self.sample([prompt.cpu()], max_seq_len, temperature, group_size=num_samples, **sampling)
+        scores = self.score(seq, mask, start)
+        best = int(scores.argmax())
+        best_seq = seq[best][mask[best]]
+        return (best_seq, scores, best) if return_scores else best_seq
+
+    def policy(self) -> PaLM:
+        """A copy of the tuned policy with the actor adapters merged and no other scope: a plain PaLM."""
+        policy = copy.deepcopy(self.palm)
+        policy.merge_finetune_params(self.actor_scope)
+        for scope in list(policy.finetune_modules):
+            policy.remove_finetune_params(scope)
+        return policy.requires_grad_(True)
+
+    def save_policy(self, path):
+        """Saves `policy()` with PaLM.save: PaLM.from_pretrained(path) loads it."""
+        self.policy().save(path)
+
+
+class RLHFTrainer(PolicyTrainer):
     """PPO on a PaLM with a reward model (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`) or
     a programmatic `reward_fn` of the same signature. Only the actor and critic adapters (and value
     head) are trained; the base and the reward model stay frozen."""
@@ -319,77 +447,33 @@ class RLHFTrainer:
         accelerator: Accelerator | None = None,
         accelerate_kwargs: dict | None = None,
     ):
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("pass exactly one of reward_model or reward_fn")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fails early on an unknown name
-        self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, palm.pad_id)
-        self.palm, self.reward_model = palm, reward_model
-        self.reward_fn = reward_model.score if reward_model is not None else reward_fn
+        super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
+                         prompts=prompts, tokenizer=tokenizer, actor_scope=actor_lora_scope, accelerator=accelerator,
+                         accelerate_kwargs=accelerate_kwargs)
         self.kl = KLController(beta, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.eps_clip, self.value_clip, self.vf_coef, self.entropy_coef = eps_clip, value_clip, vf_coef, entropy_coef
         self.max_norm, self.epochs, self.minibatch_size = max_norm, epochs, minibatch_size
         self.missing_eos_penalty, self.rollout_memmap_dir = missing_eos_penalty, rollout_memmap_dir
 
-        # everything frozen but the two scopes; the reward model usually shares this base
-        if reward_model is not None:
-            reward_model.requires_grad_(False).eval()
+        # everything frozen but the two scopes
         scopes = {actor_lora_scope: actor_lora_r}
         if critic_palm is None:
             scopes[critic_lora_scope] = critic_lora_r
         else:
             critic_palm.requires_grad_(True)  # a separate critic is small and trained whole
-        for scope, r in scopes.items():
-            if scope not in palm.finetune_modules:  # present when resuming a trainer's palm
-                palm.add_finetune_params(scope, lora_r=r)
-        palm.finetune_only(*scopes)
+        self.add_scopes(scopes)
         actor_critic = ActorCritic(palm, actor_lora_scope, critic_lora_scope, critic_palm)
         optimizer = torch.optim.AdamW([
             dict(params=actor_critic.actor_parameters(), lr=actor_lr),
             dict(params=actor_critic.critic_parameters(), lr=critic_lr),
         ], weight_decay=weight_decay, betas=(0.9, 0.95))
         self.actor_critic, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
-        if reward_model is not None:
-            reward_model.to(self.accelerator.device)
-
-    @property
-    def device(self):
-        return self.accelerator.device
 
     @property
     def unwrapped(self) -> ActorCritic:
         return self.accelerator.unwrap_model(self.actor_critic)
-
-    @property
-    def actor_scope(self) -> str:
-        return self.unwrapped.actor_scope
-
-    def score(self, seq, mask, start: int) -> torch.Tensor:
-        """The reward model's (or reward_fn's) score of each sequence, whose response starts at `start`: (b,)."""
-        positions = torch.arange(seq.shape[1], device=seq.device)
-        prompt_mask = (positions < start).expand_as(mask) & mask
-        with self.accelerator.autocast():
-            scores = self.reward_fn(seq, prompt_mask=prompt_mask, mask=mask)
-        scores = torch.as_tensor(scores, device=seq.device).float().reshape(-1)
-        if scores.shape[0] != seq.shape[0]:
-            raise ValueError(f"the reward gave {scores.shape[0]} scores for {seq.shape[0]} sequences")
-        return scores
-
-    @torch.no_grad()
-    def sample(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, **sampling):
-        """Responses from the actor: seq, mask (b, n) (prompt left-padded, response right-padded
-        after its EOS) and the response start."""
-        prompt, prompt_mask = left_pad(prompts, self.palm.pad_id)
-        tokens = self.palm.generate(max_seq_len, prompt=prompt.to(self.device), prompt_mask=prompt_mask.to(self.device),
-                                    temperature=temperature, eos_token=self.tokenizer.eos_id,
-                                    finetune_scope=self.actor_scope, **sampling)
-        responses_mask = response_mask(tokens, self.tokenizer.eos_id)
-        length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
-        seq = torch.cat((prompt.to(self.device), tokens[:, :length]), dim=1)
-        mask = torch.cat((prompt_mask.to(self.device), responses_mask[:, :length]), dim=1)
-        return seq, mask, prompt.shape[1]
 
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
@@ -456,7 +540,7 @@ class RLHFTrainer:
             rollout = memmap_rollout(rollout, self.rollout_memmap_dir)
         stats.update(self.learn(rollout))
         # every process sees the same diagnostics, so beta stays the same everywhere
-        stats = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean")) for k, v in stats.items()}
+        stats = self.reduce_stats(stats)
         self.kl.update(stats["kl"], rollout_batch_size * self.accelerator.num_processes)
         return stats, rollout
 
@@ -465,41 +549,6 @@ class RLHFTrainer:
         """PPO for `num_episodes` sampled responses (one episode = one prompt and its response),
         in iterations of `rollout_batch_size`. `callback(iteration, stats, rollout)` runs after each.
         Returns the diagnostics of every iteration."""
-        history = []
         iterations = max(1, math.ceil(num_episodes / rollout_batch_size))
-        progress = tqdm(range(iterations), desc="ppo", disable=not self.accelerator.is_local_main_process)
-        for iteration in progress:
-            stats, rollout = self.step(max_seq_len, rollout_batch_size, temperature)
-            history.append(stats)
-            progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
-            if callback is not None:
-                callback(iteration, stats, rollout)
-        return history
-
-    @torch.no_grad()
-    def generate(self, max_seq_len: int, prompt, num_samples: int = 4, temperature: float = 1.0,
-                 return_scores: bool = False, **sampling):
-        """Best-of-N: samples `num_samples` responses to one prompt (1-D token ids, or text) and
-        returns the sequence (prompt + response, up to EOS) the reward scores highest; with
-        `return_scores`, also every sample's score (num_samples,) and the index chosen."""
-        if isinstance(prompt, str):
-            prompt = prompt_list(None, [prompt], self.tokenizer, self.palm.pad_id)[0]
-        if prompt.ndim != 1:
-            raise ValueError("generate takes one prompt (a 1-D tensor or a string)")
-        seq, mask, start = self.sample([prompt.cpu()] * num_samples, max_seq_len, temperature, **sampling)
-        scores = self.score(seq, mask, start)
-        best = int(scores.argmax())
-        best_seq = seq[best][mask[best]]
-        return (best_seq, scores, best) if return_scores else best_seq
-
-    def policy(self) -> PaLM:
-        """A copy of the tuned policy with the actor adapters merged and no other scope: a plain PaLM."""
-        policy = copy.deepcopy(self.palm)
-        policy.merge_finetune_params(self.actor_scope)
-        for scope in list(policy.finetune_modules):
-            policy.remove_finetune_params(scope)
-        return policy.requires_grad_(True)
-
-    def save_policy(self, path):
-        """Saves `policy()` with PaLM.save: PaLM.from_pretrained(path) loads it."""
-        self.policy().save(path)
+        return self.run_iterations(iterations, "ppo", callback, max_seq_len=max_seq_len,
+                                   rollout_batch_size=rollout_batch_size, temperature=temperature)

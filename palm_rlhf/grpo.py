@@ -1,0 +1,295 @@
+"""Critic-free, group-relative RL for RLHF: GRPO, Dr. GRPO and RLOO on one frozen PaLM.
+
+Instead of a learned critic, each prompt gets G sampled responses and each response's baseline comes
+from the scores of its group. One iteration (`GRPOTrainer.step`), each step numbered in the code:
+
+    1. rollout: P prompts, G responses to each sampled at temperature T with the KV-cached sampler
+       (each prompt encoded once, its cache shared by its G samples), cut after their first EOS
+    2. log-probs of the responses under the sampling policy (pi_old of the ratio) and, when
+       beta > 0, under the frozen reference
+    3. scores from the reward model or reward function; with kl_in="reward", beta times the summed
+       k1 KL of each response is subtracted from its score, as PPO's reward does
+    4. one advantage per response, given to each of its tokens: GRPO's (r - mean) / std
+       (Shao et al. 2024), Dr. GRPO's r - mean (Liu et al. 2025) or RLOO's r - mean of the others
+       (Ahmadian et al. 2024), over the G scores of its prompt
+    5. epochs x minibatches of PPO's clipped surrogate (with DAPO's clip-higher as an option), plus,
+       with kl_in="loss", beta times the k3 KL to the reference per token (DeepSeekMath eq. 3-4),
+       aggregated over tokens by `loss_aggregation`; gradient clipping, one AdamW step per minibatch
+    6. diagnostics: score, KL to the reference, share of groups whose scores are all equal,
+       approx KL old -> new, clip fraction, response length, entropy
+
+Where this departs from the papers:
+
+    1. The policy is a LoRA scope on one frozen base, and the reference is that base with the
+       adapters disabled (Hydra-RLHF, Santacroce et al. 2023), not a second copy. The reference
+       stays fixed (DeepSeekMath's iterative GRPO, section 4.1.4, resets it to the policy).
+    2. One score per response (outcome supervision, DeepSeekMath section 4.1.2); no process reward.
+    3. The three methods are options of one loss. GRPO: estimator="grpo", loss_aggregation=
+       "sequence", kl_in="loss". Dr. GRPO: estimator="dr_grpo", loss_aggregation="constant", beta=0
+       (the paper drops the KL term). RLOO: estimator="rloo", kl_in="reward",
+       loss_aggregation="constant", one epoch of one minibatch; Ahmadian et al. take one REINFORCE
+       step per batch, and with the ratio at exactly 1 the clipped surrogate's gradient is that
+       step's, up to a constant factor.
+    4. The default aggregation is "token" (DAPO, Yu et al. 2025, section 3.3), not GRPO's mean of
+       per-response means, which weighs a token of a short response more than one of a long one.
+    5. Rollouts sample at temperature T only (no top-k / top-p), so the samples come from exactly
+       the policy whose log-probs enter the ratio, as in ppo.py.
+    6. Groups whose scores are all equal get zero advantage and are kept (only their KL term, if
+       any, acts), not dropped and resampled (DAPO's dynamic sampling); their share is reported.
+    7. Optionally, a response that never emits EOS has `missing_eos_penalty` subtracted from its
+       score before the group baseline (as ppo.py).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from beartype import beartype
+from torch import nn
+
+from palm_rlhf.palm import PaLM
+from palm_rlhf.ppo import Actor, PolicyTrainer, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean
+
+# ---------------------------------------------------------------------------------------------------
+# group-relative advantages: scores (P, G), P prompts x G samples of each -> advantages (P, G)
+
+
+def constant_groups(scores: torch.Tensor) -> torch.Tensor:
+    """(P, G) scores -> (P,) bool, True where all G scores of a prompt are equal: such a group has
+    no signal, and the float mean of equal numbers may miss them by an ulp, so its advantages are
+    set to exactly 0."""
+    return (scores == scores[:, :1]).all(dim=1)
+
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome-supervision advantage (Shao et al. 2024, "DeepSeekMath", section 4.1.2):
+
+        A_i = (r_i - mean(r)) / (std(r) + eps)    over the G scores r of one prompt
+
+    std is the sample standard deviation (Bessel-corrected, as TRL); every token of response i gets
+    A_i. A group of equal scores, or of one sample (G = 1), gets 0."""
+    if scores.shape[1] == 1:
+        return torch.zeros_like(scores)
+    centred = scores - scores.mean(dim=1, keepdim=True)
+    advantages = centred / (scores.std(dim=1, keepdim=True) + eps)
+    return advantages.masked_fill(constant_groups(scores)[:, None], 0.0)
+
+
+def dr_grpo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO's advantage (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective", section 3): GRPO's without the division by the group std, which up-weights
+    prompts whose scores barely vary (too easy or too hard):
+
+        A_i = r_i - mean(r)
+
+    A group of equal scores, or of one sample, gets 0."""
+    advantages = scores - scores.mean(dim=1, keepdim=True)
+    return advantages.masked_fill(constant_groups(scores)[:, None], 0.0)
+
+
+def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for
+    Free!"; for RLHF, Ahmadian et al. 2024, "Back to Basics", section 3): each sample's baseline is
+    the mean score of the other G - 1 samples of its prompt, so the baseline is independent of it:
+
+        A_i = r_i - 1 / (G - 1) * sum_{j != i} r_j  =  G / (G - 1) * (r_i - mean(r))
+
+    Needs G >= 2. A group of equal scores gets 0."""
+    g = scores.shape[1]
+    if g < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt for its leave-one-out baseline, got group_size {g}")
+    leave_one_out = (scores.sum(dim=1, keepdim=True) - scores) / (g - 1)
+    return (scores - leave_one_out).masked_fill(constant_groups(scores)[:, None], 0.0)
+
+
+ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loss over tokens
+
+
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None) -> torch.Tensor:
+    """Per-token losses (b, r) -> one loss over the response tokens (mask True), `how`:
+
+        "token":    sum_i sum_t l_it / sum_i |o_i|      every token weighs the same
+                    (DAPO, Yu et al. 2025, section 3.3, "token-level policy gradient loss")
+        "sequence": 1/b sum_i 1/|o_i| sum_t l_it        GRPO (Shao et al. 2024, eq. 3)
+        "constant": sum_i sum_t l_it / (b * max_len)    Dr. GRPO (Liu et al. 2025): no division
+                    by a response's own length, which favours short responses with a positive
+                    advantage and long ones with a negative advantage
+    """
+    if how == "token":
+        return masked_mean(losses, mask)
+    if how == "sequence":
+        return masked_mean(losses, mask, dim=1).mean()
+    if how == "constant":
+        return (losses * mask).sum() / (mask.shape[0] * max_len)
+    raise ValueError(f"unknown loss_aggregation {how!r}; choose token, sequence or constant")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def check_options(estimator: str, group_size: int, beta: float, kl_in: str, loss_aggregation: str):
+    """Raises ValueError, naming the choices, for options GRPOTrainer cannot run with."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    ADVANTAGE_ESTIMATORS[estimator](torch.zeros(1, group_size))  # RLOO refuses a group of one
+    if beta < 0:
+        raise ValueError(f"beta must be at least 0, got {beta}")
+    if kl_in not in ("loss", "reward"):
+        raise ValueError(f"unknown kl_in {kl_in!r}; choose loss (k3 per token) or reward (k1 per response)")
+    aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), loss_aggregation, 1)  # an unknown name
+
+
+@dataclass
+class GroupRollout(RolloutTensors):
+    """One batch of groups: seq, mask (P * G, n), prompt i's G responses in rows i * G .. i * G + G - 1;
+    advantages (P * G,); log-probs (P * G, r) of the response seq[:, start:] under the sampling policy
+    and under the reference (None when beta = 0); max_new_tokens = the response budget, the
+    constant of Dr. GRPO's aggregation."""
+
+    seq: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor | None
+    start: int
+    temperature: float
+    max_new_tokens: int
+
+
+class GRPOTrainer(PolicyTrainer):
+    """GRPO, Dr. GRPO or RLOO (`estimator`) on a PaLM with a reward model
+    (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`) or a programmatic `reward_fn` of the same
+    signature (`ppo.text_reward_fn` turns a scorer of decoded text into one). Only the actor's LoRA
+    is trained; the base, the reference (the base itself) and the reward model stay frozen."""
+
+    @beartype
+    def __init__(
+        self,
+        *,
+        palm: PaLM,
+        reward_model: nn.Module | None = None,
+        reward_fn=None,
+        prompt_token_ids=None,
+        prompts: list[str] | None = None,
+        tokenizer=None,
+        estimator: str = "grpo",
+        group_size: int = 8,
+        beta: float = 0.04,
+        kl_in: str = "loss",
+        loss_aggregation: str = "token",
+        eps_clip: float = 0.2,
+        eps_clip_high: float | None = None,
+        lr: float = 1e-4,
+        lora_r: int = 8,
+        lora_scope: str = "actor",
+        weight_decay: float = 0.0,
+        epochs: int = 1,
+        minibatch_size: int = 16,
+        max_norm: float | None = 1.0,
+        missing_eos_penalty: float | None = None,
+        accelerator: Accelerator | None = None,
+        accelerate_kwargs: dict | None = None,
+    ):
+        check_options(estimator, group_size, beta, kl_in, loss_aggregation)
+        super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
+                         prompts=prompts, tokenizer=tokenizer, actor_scope=lora_scope, accelerator=accelerator,
+                         accelerate_kwargs=accelerate_kwargs)
+        self.estimator, self.advantage_fn = estimator, ADVANTAGE_ESTIMATORS[estimator]
+        self.group_size, self.beta, self.kl_in, self.loss_aggregation = group_size, beta, kl_in, loss_aggregation
+        self.eps_clip, self.eps_clip_high, self.max_norm = eps_clip, eps_clip_high, max_norm
+        self.epochs, self.minibatch_size, self.missing_eos_penalty = epochs, minibatch_size, missing_eos_penalty
+        self.add_scopes({lora_scope: lora_r})
+        actor = Actor(palm, lora_scope)
+        optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+        self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
+
+    @property
+    def unwrapped(self) -> Actor:
+        return self.accelerator.unwrap_model(self.actor)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
+        """Steps 1-4 for a batch of prompts, G responses to each -> (GroupRollout, diagnostics)."""
+        self.actor.eval()
+        # 1. G samples of each prompt from one encoding of it
+        seq, mask, start = self.sample(prompts, max_seq_len, temperature, group_size=self.group_size)
+        resp_mask = mask[:, start:]  # (P * G, r)
+        # 2. log-probs recomputed by a forward pass so the first ratio is exactly 1; no reference pass at beta = 0
+        with self.accelerator.autocast():
+            log_probs, entropy = self.unwrapped(seq, mask, start, temperature)
+            ref_log_probs = None
+            if self.beta > 0:
+                ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
+        # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
+        scores = self.score(seq, mask, start)
+        ended = (seq[:, start:] == self.tokenizer.eos_id).any(dim=1)
+        rewards = scores if self.missing_eos_penalty is None else scores - self.missing_eos_penalty * (~ended).float()
+        groups = rewards.view(-1, self.group_size)  # (P, G)
+        stats = dict(score=scores.mean(), response_length=resp_mask.sum(dim=1).float().mean(),
+                     ended_with_eos=ended.float().mean(), entropy=masked_mean(entropy, resp_mask),
+                     zero_variance_groups=constant_groups(groups).float().mean())
+        if ref_log_probs is not None:
+            kl = (kl_penalty(log_probs, ref_log_probs, "k1") * resp_mask).sum(dim=1)  # (P * G,)
+            stats["kl"] = kl.mean()
+            if self.kl_in == "reward":
+                groups = (rewards - self.beta * kl).view(-1, self.group_size)
+        # 4. group-relative advantages, one per response
+        advantages = self.advantage_fn(groups).view(-1)
+        rollout = GroupRollout(seq, mask, advantages, log_probs, ref_log_probs, start, temperature, max_seq_len - start)
+        return rollout, {k: float(v) for k, v in stats.items()}
+
+    def learn(self, rollout: GroupRollout) -> dict:
+        """Step 5: epochs x minibatches of updates; returns the averaged losses and diagnostics."""
+        self.actor.train()
+        kl_in_loss = self.beta > 0 and self.kl_in == "loss"
+        totals, count = {}, 0
+        for _ in range(self.epochs):
+            for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
+                mb = rollout.minibatch(index, self.device)
+                resp_mask = mb["mask"][:, rollout.start:]
+                with self.accelerator.autocast():
+                    log_probs, _ = self.actor(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
+                surrogate, is_clipped = clipped_surrogate(log_probs, mb["log_probs"], mb["advantages"][:, None],
+                                                          self.eps_clip, self.eps_clip_high)
+                policy_loss = aggregate_loss(surrogate, resp_mask, self.loss_aggregation, rollout.max_new_tokens)
+                # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
+                diagnostics = dict(policy_loss=policy_loss, clip_fraction=masked_mean(is_clipped.float(), resp_mask),
+                                   approx_kl=masked_mean(kl_penalty(mb["log_probs"], log_probs.detach(), "k3"), resp_mask))
+                loss = policy_loss
+                if kl_in_loss:  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
+                    diagnostics["kl_loss"] = aggregate_loss(kl_penalty(log_probs, mb["ref_log_probs"], "k3"), resp_mask,
+                                                            self.loss_aggregation, rollout.max_new_tokens)
+                    loss = loss + self.beta * diagnostics["kl_loss"]
+                self.accelerator.backward(loss)
+                if self.max_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.unwrapped.actor_parameters(), self.max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for name, value in diagnostics.items():
+                    totals[name] = totals.get(name, 0.0) + float(value.detach())
+                count += 1
+        return {name: total / count for name, total in totals.items()}
+
+    def step(self, max_seq_len: int, prompts_per_step: int = 8, temperature: float = 1.0):
+        """One iteration on `prompts_per_step` randomly drawn prompts, `group_size` responses to
+        each -> (diagnostics, rollout)."""
+        index = torch.randint(len(self.prompts), (prompts_per_step,)).tolist()
+        rollout, stats = self.rollout([self.prompts[i] for i in index], max_seq_len, temperature)
+        stats.update(self.learn(rollout))
+        return self.reduce_stats(stats), rollout
+
+    def train(self, num_episodes: int = 1024, max_seq_len: int = 64, prompts_per_step: int = 8,
+              temperature: float = 1.0, callback=None) -> list[dict]:
+        """Training on `num_episodes` sampled responses (one episode = one prompt and its response),
+        in iterations of `prompts_per_step` x `group_size`. `callback(iteration, stats, rollout)`
+        runs after each. Returns the diagnostics of every iteration."""
+        iterations = max(1, math.ceil(num_episodes / (prompts_per_step * self.group_size)))
+        return self.run_iterations(iterations, self.estimator, callback, max_seq_len=max_seq_len,
+                                   prompts_per_step=prompts_per_step, temperature=temperature)

@@ -1,0 +1,152 @@
+"""What the RL-stage scripts (train_ppo.py, train_grpo.py) share: the LM and reward model from their
+checkpoints, the held-out prompts, best-of-N evaluation by the reward model and by VADER (a scorer
+no model here was trained on, so it tells whether RL improved the real thing or only the learned
+reward), the before/after table, and the loop that runs a trainer's iterations with metrics,
+resumable checkpoints, the final merged policy and the plot. Each script adds its config and trainer.
+"""
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from palm_rlhf.data import review_prompts, vader_compound
+from palm_rlhf.palm import PaLM
+from palm_rlhf.ppo import decode_responses, prompt_list
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.training import (
+    GracefulStop,
+    MetricsLogger,
+    check_finite,
+    checkpoint_exists,
+    init_trackers,
+    load_checkpoint,
+    plot_metrics,
+    save_checkpoint,
+)
+
+
+def mean_vader(texts) -> float:
+    """Mean VADER compound sentiment (-1..1) of `texts`."""
+    return sum(vader_compound(texts)) / max(1, len(texts))
+
+
+def load_models(cfg):
+    """The LM (policy and frozen reference) from cfg.lm_checkpoint, and the reward model from
+    cfg.reward_checkpoint attached to its base; a missing folder names the script that makes it."""
+    for flag, path, script in (("lm_checkpoint", cfg.lm_checkpoint, "train_lm.py"),
+                               ("reward_checkpoint", cfg.reward_checkpoint, "train_reward.py")):
+        if not Path(path).is_dir():
+            raise SystemExit(f"--{flag} {path}: no such folder; run {script} first")
+    palm = PaLM.from_pretrained(cfg.lm_checkpoint)
+    # the reward model's scope and head go onto the policy's base: one frozen base for all roles
+    return palm, RewardModel.from_pretrained(cfg.reward_checkpoint, palm=palm)
+
+
+def split_prompts(cfg, tokenizer, pad_id: int):
+    """The first cfg.prompt_words words of the held-out review snippets: (training prompts as text,
+    the last cfg.num_eval_prompts as token ids for the before/after table)."""
+    texts = review_prompts(cfg.prompt_words)
+    if len(texts) <= cfg.num_eval_prompts:
+        raise SystemExit(f"only {len(texts)} prompts; lower --num_eval_prompts ({cfg.num_eval_prompts})")
+    return texts[: -cfg.num_eval_prompts], prompt_list(None, texts[-cfg.num_eval_prompts:], tokenizer, pad_id)
+
+
+def best_of_sizes(best_of: str) -> list[int]:
+    """"1,4,16" -> [1, 4, 16]; 1 is always in."""
+    return sorted({1, *(int(n) for n in best_of.split(",") if n.strip())})
+
+
+@torch.no_grad()
+def evaluate(trainer, prompts, cfg, num_samples=1, chunk=64) -> dict:
+    """Best-of-`num_samples` responses of the current actor to each prompt, sampled at a fixed seed
+    (each prompt encoded once for its samples): their mean reward-model score and mean VADER
+    sentiment, and one example."""
+    generator = torch.Generator(trainer.device).manual_seed(cfg.seed)
+    per_batch = max(1, chunk // num_samples)  # about `chunk` sequences per batch
+    scores, texts = [], []
+    for i in range(0, len(prompts), per_batch):
+        seq, mask, start = trainer.sample(prompts[i : i + per_batch], cfg.max_seq_len, cfg.temperature,
+                                          group_size=num_samples, generator=generator)
+        scores.append(trainer.score(seq, mask, start).cpu())
+        response_tokens = mask.clone()
+        response_tokens[:, :start] = False
+        texts += decode_responses(seq, response_tokens, trainer.tokenizer)
+    scores = torch.cat(scores).view(len(prompts), num_samples)  # (prompts, N)
+    best = scores.argmax(dim=1)
+    best_texts = [texts[i * num_samples + int(j)] for i, j in enumerate(best)]
+    return dict(score=scores.max(dim=1).values.mean().item(), vader=mean_vader(best_texts),
+                example=trainer.tokenizer.decode(prompts[0][1:]) + best_texts[0])
+
+
+def comparison_table(before, after, best_of, method: str) -> str:
+    lines = [f"{'policy':<26} {'RM score':>9} {'VADER':>7}"]
+    lines += [f"{f'before {method} (the LM)':<26} {before[1]['score']:>9.3f} {before[1]['vader']:>7.3f}",
+              f"{f'after {method}':<26} {after['score']:>9.3f} {after['vader']:>7.3f}"]
+    for n in best_of:
+        lines.append(f"{f'best-of-{n}, before {method}':<26} {before[n]['score']:>9.3f} {before[n]['vader']:>7.3f}")
+    return "\n".join(lines)
+
+
+def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, eval_prompts, step, plot_panels,
+                 extra_state=dict, restore_state=None) -> dict:
+    """The loop of an RL script, for `cfg.iterations` calls of `step() -> (stats, rollout)`:
+
+    resume from out_dir/checkpoint (`model` and trainer.optimizer; `restore_state(extra)` gets back
+    what `extra_state()` saved); evaluate the LM (best-of-N on `eval_prompts`); log every
+    iteration's stats and its rollouts' VADER to metrics.csv; save a checkpoint every
+    cfg.checkpoint_every iterations and on Ctrl-C; then evaluate the tuned policy, save it merged to
+    out_dir/final, plot `plot_panels` to out_dir/<stage>.png and print the before/after table.
+    Returns dict(before, after), or {} when stopped early."""
+    out_dir, checkpoint_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
+    best_of = best_of_sizes(cfg.best_of)
+    start, before = 0, None
+    if cfg.resume:
+        if not checkpoint_exists(checkpoint_dir):
+            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
+        state = load_checkpoint(checkpoint_dir, model=model, optimizer=trainer.optimizer)
+        start, before = state["step"], {int(n): v for n, v in state["extra"]["before"].items()}
+        if restore_state is not None:
+            restore_state(state["extra"])
+        accelerator.print(f"resumed at iteration {start}")
+    init_trackers(accelerator, f"palm_rlhf_{stage}", asdict(cfg))
+    metrics = MetricsLogger(out_dir, accelerator)
+    if before is None:  # the actor starts equal to the LM: its samples are the "before" column
+        before = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
+        metrics.log(0, eval_score=before[1]["score"], eval_vader=before[1]["vader"])
+        accelerator.print(f"before {method}: RM score {before[1]['score']:.3f}, VADER {before[1]['vader']:.3f}; "
+                          f"e.g. {before[1]['example']!r}")
+
+    def save(iteration):
+        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=model, optimizer=trainer.optimizer,
+                        step=iteration, extra=dict(extra_state(), before=before), config=asdict(cfg))
+
+    stop, stats = GracefulStop(), {}
+    progress = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"train_{stage}",
+                    disable=not accelerator.is_main_process)
+    for iteration in progress:
+        stats, rollout = step()
+        check_finite(sum(v for k, v in stats.items() if k.endswith("loss")), iteration,
+                     hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
+        metrics.log(iteration + 1, **stats, vader=mean_vader(rollout.responses(trainer.tokenizer)))
+        progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl", "response_length") if k in stats})
+        done = iteration + 1
+        if stop.requested_on_any(accelerator):
+            save(done)
+            accelerator.print(f"\nstopped at iteration {done}; checkpoint in {checkpoint_dir}; continue with --resume")
+            return {}
+        if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+            save(done)
+
+    save(cfg.iterations)
+    after = evaluate(trainer, eval_prompts, cfg)
+    metrics.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
+    if accelerator.is_main_process:
+        trainer.save_policy(out_dir / "final")
+        plot_metrics(out_dir / "metrics.csv", out_dir / f"{stage}.png", plot_panels)
+        kl = f"{stats['kl']:.3f} nats per response" if "kl" in stats else "not measured"
+        print(f"\non {len(eval_prompts)} held-out prompts, sampled at seed {cfg.seed} (KL to the LM at the end: {kl})")
+        print(comparison_table(before, after, best_of, method))
+        print(f"before: {before[1]['example']!r}\nafter:  {after['example']!r}")
+        print(f"tuned policy in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / stage}.png")
+    return dict(before=before, after=after)

@@ -1,0 +1,235 @@
+import math
+
+import pytest
+import torch
+from test_ppo import PROMPTS, TARGET, count_target, tiny_palm
+
+from palm_rlhf.grpo import GRPOTrainer, aggregate_loss, dr_grpo_advantages, grpo_advantages, rloo_advantages
+from palm_rlhf.ppo import clipped_policy_loss, clipped_surrogate, kl_penalty, text_reward_fn
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.tokenizer import EOS_ID, PAD_ID
+
+# two prompts x four samples
+SCORES = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 1.0, 1.0]])
+
+
+# --- advantage estimators -------------------------------------------------------------------------
+
+
+def test_grpo_advantages_by_hand():
+    # prompt 0: mean 3, deviations -2 -1 0 3, sample variance (4 + 1 + 0 + 9) / 3
+    # prompt 1: mean 0.5, deviations +-0.5, sample variance 4 * 0.25 / 3
+    std0, std1 = math.sqrt(14 / 3), math.sqrt(1 / 3)
+    expected = torch.tensor([[-2 / (std0 + 1e-4), -1 / (std0 + 1e-4), 0.0, 3 / (std0 + 1e-4)],
+                             [-0.5 / (std1 + 1e-4), -0.5 / (std1 + 1e-4), 0.5 / (std1 + 1e-4), 0.5 / (std1 + 1e-4)]])
+    torch.testing.assert_close(grpo_advantages(SCORES), expected)
+    torch.testing.assert_close(grpo_advantages(SCORES, eps=0.0)[1], torch.tensor([-1.0, -1.0, 1.0, 1.0]) * math.sqrt(3) / 2)
+
+
+def test_dr_grpo_advantages_by_hand():
+    expected = torch.tensor([[-2.0, -1.0, 0.0, 3.0], [-0.5, -0.5, 0.5, 0.5]])
+    torch.testing.assert_close(dr_grpo_advantages(SCORES), expected)
+
+
+def test_rloo_advantages_by_hand():
+    # prompt 0: 1 - (2 + 3 + 6) / 3, 2 - (1 + 3 + 6) / 3, 3 - (1 + 2 + 6) / 3, 6 - (1 + 2 + 3) / 3
+    expected = torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0], [-2 / 3, -2 / 3, 2 / 3, 2 / 3]])
+    torch.testing.assert_close(rloo_advantages(SCORES), expected)
+
+
+@pytest.mark.parametrize("estimator", [grpo_advantages, dr_grpo_advantages, rloo_advantages])
+def test_equal_scores_give_exactly_zero_advantage(estimator):
+    # the float32 mean of eight 0.7s is off by an ulp: without care GRPO would turn that into ~6e-4
+    scores = torch.tensor([[0.7] * 8, [0.0] * 8, [1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    advantages = estimator(scores)
+    assert (advantages[:2] == 0).all()
+    assert advantages[2, 1] > 0 and (advantages[2, [0, 2]] < 0).all()
+
+
+def test_one_sample_per_prompt_gives_zero_advantage_or_a_clear_error():
+    scores = torch.tensor([[3.0], [-1.0]])
+    assert (grpo_advantages(scores) == 0).all() and (dr_grpo_advantages(scores) == 0).all()
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        rloo_advantages(scores)
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+
+def test_loss_aggregations_by_hand():
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert aggregate_loss(losses, mask, "token") == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate_loss(losses, mask, "sequence") == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
+    assert aggregate_loss(losses, mask, "constant", max_len=5) == pytest.approx((1 + 2 + 3 + 4) / (2 * 5))
+    with pytest.raises(ValueError, match="loss_aggregation"):
+        aggregate_loss(losses, mask, "mean")
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    ratio, advantages = torch.tensor([1.3, 1.25, 0.7]), torch.tensor([1.0, 1.0, -1.0])
+    log_ratio, old = ratio.log(), torch.zeros(3)
+    # eps 0.2 both ways: 1.3 and 1.25 are cut to 1.2; 0.7 with a negative advantage is held at 0.8
+    losses, clipped = clipped_surrogate(log_ratio, old, advantages, clip=0.2)
+    torch.testing.assert_close(losses, torch.tensor([-1.2, -1.2, 0.8]))
+    assert clipped.tolist() == [True, True, True]
+    # eps_high 0.28: 1.3 is cut to 1.28, 1.25 is inside; the lower bound is unchanged
+    losses, clipped = clipped_surrogate(log_ratio, old, advantages, clip=0.2, clip_high=0.28)
+    torch.testing.assert_close(losses, torch.tensor([-1.28, -1.25, 0.8]))
+    assert clipped.tolist() == [True, False, True]
+    # so the gradient reaches the token at 1.25 only with the higher clip
+    log_ratio.requires_grad_()
+    loss, fraction = clipped_policy_loss(log_ratio, old, advantages, torch.ones(3, dtype=torch.bool), 0.2, 0.28)
+    loss.backward()
+    assert log_ratio.grad.tolist()[0] == 0 and log_ratio.grad[1] != 0 and log_ratio.grad.tolist()[2] == 0
+    assert fraction == pytest.approx(2 / 3)
+
+
+# --- the shared prompt cache ----------------------------------------------------------------------
+
+
+def test_group_sampling_shares_the_prompt_cache_and_equals_repeated_prompts_under_greedy():
+    palm = tiny_palm().eval()
+    prompts = [torch.tensor([EOS_ID, 84, 104, 101, 32]), torch.tensor([EOS_ID, 65]), torch.tensor([7, 8, 9])]
+    repeated = [p for p in prompts for _ in range(3)]
+    tokens, log_probs = palm.generate(24, prompt=prompts, temperature=0, num_samples_per_prompt=3, return_log_probs=True)
+    alone, alone_log_probs = palm.generate(24, prompt=repeated, temperature=0, return_log_probs=True)
+    assert tokens.shape == (9, 19) and torch.equal(tokens, alone)
+    torch.testing.assert_close(log_probs, alone_log_probs)
+    assert torch.equal(palm.generate(24, prompt=prompts, temperature=0, num_samples_per_prompt=3, use_cache=False), alone)
+    # the prompt is encoded once: the first forward pass sees 3 rows, not 9
+    rows = []
+    forward = palm.forward
+    palm.forward = lambda x, **kwargs: rows.append(x.shape[0]) or forward(x, **kwargs)
+    palm.generate(24, prompt=prompts, temperature=0, num_samples_per_prompt=3)
+    assert rows[0] == 3 and set(rows[1:]) == {9}
+
+
+def test_samples_of_one_group_are_drawn_independently():
+    palm = tiny_palm()
+    torch.manual_seed(0)
+    tokens = palm.generate(12, prompt=PROMPTS[0], num_samples_per_prompt=8)  # one prompt, 1-D: rows are its samples
+    assert tokens.shape == (8, 8) and len({tuple(row.tolist()) for row in tokens}) > 1
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+
+def trainer(palm=None, **kwargs):
+    kwargs = dict(dict(reward_fn=count_target, prompt_token_ids=PROMPTS, group_size=4, minibatch_size=8), **kwargs)
+    return GRPOTrainer(palm=palm or tiny_palm(), **kwargs)
+
+
+def perturbed(t):
+    """The trainer with its actor's LoRA moved at random, away from the reference."""
+    with torch.no_grad():
+        for parameter in t.unwrapped.actor_parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return t
+
+
+def count_reference_passes(palm) -> list:
+    """Wraps palm.forward to record, for every call, whether it ran with the adapters disabled."""
+    calls = []
+    forward = palm.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("disable_lora", False))
+        return forward(*args, **kwargs)
+
+    palm.forward = counting
+    return calls
+
+
+def test_beta_zero_makes_no_reference_forward_pass():
+    t = trainer(beta=0.0)
+    calls = count_reference_passes(t.palm)
+    stats, rollout = t.step(max_seq_len=12, prompts_per_step=2)
+    assert calls and not any(calls) and rollout.ref_log_probs is None
+    assert "kl" not in stats and "kl_loss" not in stats and all(math.isfinite(v) for v in stats.values())
+
+    t = trainer(beta=0.04)
+    calls = count_reference_passes(t.palm)
+    stats, rollout = t.step(max_seq_len=12, prompts_per_step=2)
+    assert sum(calls) == 1  # one reference pass over the whole rollout
+    assert stats["kl"] == 0.0 and stats["kl_loss"] == 0.0  # the adapters start as a no-op
+
+
+def test_rollout_groups_and_advantages_by_hand():
+    t = trainer(estimator="dr_grpo", beta=0.0)
+    rollout, stats = t.rollout(PROMPTS, max_seq_len=12)
+    seq, mask, start = rollout.seq, rollout.mask, rollout.start
+    assert seq.shape[0] == 2 * 4 and start == 4 and rollout.max_new_tokens == 12 - 4
+    assert torch.equal(seq[:4, :start], PROMPTS[0].expand(4, -1)) and (seq[4:, :2] == PAD_ID).all()
+    prompt_mask = mask & (torch.arange(seq.shape[1]) < start)
+    scores = count_target(seq, prompt_mask, mask).view(2, 4)
+    torch.testing.assert_close(rollout.advantages, (scores - scores.mean(dim=1, keepdim=True)).view(-1))
+    assert stats["score"] == pytest.approx(scores.mean().item())
+    assert stats["zero_variance_groups"] == pytest.approx(float((scores == scores[:, :1]).all(dim=1).float().mean()))
+
+
+def test_kl_in_the_reward_is_subtracted_before_the_group_baseline():
+    t = perturbed(trainer(estimator="rloo", kl_in="reward", beta=0.5))
+    rollout, stats = t.rollout(PROMPTS, max_seq_len=12)
+    resp_mask = rollout.mask[:, rollout.start:]
+    kl = (kl_penalty(rollout.log_probs, rollout.ref_log_probs, "k1") * resp_mask).sum(dim=1)
+    assert stats["kl"] == pytest.approx(kl.mean().item(), rel=1e-5) and kl.abs().max() > 0
+    prompt_mask = rollout.mask & (torch.arange(rollout.seq.shape[1]) < rollout.start)
+    rewards = count_target(rollout.seq, prompt_mask, rollout.mask) - 0.5 * kl
+    torch.testing.assert_close(rollout.advantages, rloo_advantages(rewards.view(2, 4)).view(-1))
+
+
+@pytest.mark.parametrize("estimator,kl_in,aggregation", [("grpo", "loss", "token"), ("dr_grpo", "loss", "constant"),
+                                                         ("rloo", "reward", "sequence")])
+def test_only_the_actor_adapters_move(estimator, kl_in, aggregation):
+    palm = tiny_palm()
+    reward_model = RewardModel(palm, num_binned_output=5)
+    t = trainer(palm, reward_fn=None, reward_model=reward_model, estimator=estimator, kl_in=kl_in,
+                loss_aggregation=aggregation, lr=1e-2)
+    before = {k: v.clone() for k, v in reward_model.state_dict().items()}
+    history = t.train(num_episodes=16, max_seq_len=10, prompts_per_step=2)
+    assert len(history) == 2
+    for name, value in reward_model.state_dict().items():
+        moved = not torch.equal(before[name], value)
+        trained = ".finetune_modules.actor." in name
+        if trained and name.endswith(".B"):
+            assert moved, f"{name} did not move"
+        if not trained:
+            assert not moved, f"{name} moved"
+
+
+def test_grpo_raises_the_reward():
+    torch.manual_seed(0)
+    t = trainer(group_size=8, lr=1e-2, minibatch_size=16)  # one update per iteration of 2 prompts x 8 samples
+    history = t.train(num_episodes=16 * 20, max_seq_len=16, prompts_per_step=2)
+    first, last = [sum(h["score"] for h in part) / 4 for part in (history[:4], history[-4:])]
+    assert last > first + 0.75, (first, last)  # 'a' goes from ~0.1 to ~1.6 per response
+    assert all(h["kl"] < 20 for h in history)
+
+
+def test_text_rewards_best_of_n_and_the_merged_policy():
+    t = perturbed(trainer(reward_fn=text_reward_fn(lambda texts: [text.count(chr(TARGET)) for text in texts])))
+    stats, rollout = t.step(max_seq_len=12, prompts_per_step=2)
+    prompt_mask = rollout.mask & (torch.arange(rollout.seq.shape[1]) < rollout.start)
+    assert stats["score"] == pytest.approx(count_target(rollout.seq, prompt_mask, rollout.mask).mean().item())
+    best, scores, index = t.generate(16, prompt="The", num_samples=8, return_scores=True)
+    assert scores.shape == (8,) and scores[index] == scores.max()
+    # the merged policy is RLHFTrainer's (tested in test_ppo.py), from the trained scope
+    x = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(t.policy()(x), t.palm(x, finetune_scope="actor"), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(t.policy()(x), t.palm(x))
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="unknown estimator"):
+        trainer(estimator="ppo")
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        trainer(estimator="rloo", group_size=1)
+    with pytest.raises(ValueError, match="group_size must be at least 1"):
+        trainer(group_size=0)
+    with pytest.raises(ValueError, match="kl_in"):
+        trainer(kl_in="both")
+    with pytest.raises(ValueError, match="loss_aggregation"):
+        trainer(loss_aggregation="mean")
+    with pytest.raises(ValueError, match="reward_model or reward_fn"):
+        GRPOTrainer(palm=tiny_palm(), prompt_token_ids=PROMPTS)
