@@ -20,6 +20,7 @@ frozen reference policy (Hydra-RLHF, Santacroce et al. 2023).
 Notation: b batch, n query length, m key length, h heads, d head dim, D model dim, v vocab.
 """
 import copy
+import functools
 import json
 import math
 import warnings
@@ -80,28 +81,28 @@ PRESETS = {
 
 
 def rotary_tables(positions: torch.Tensor, dim_head: int, xpos_scale_base: int | None, dtype):
-    """positions (b, n) -> cos, sin (b, 1, n, d) and xPos scale (b, 1, n, d) or None."""
+    """positions (b, n) -> cos, signed sin (b, 1, n, d) and xPos scales (q's, k's), each (b, 1, n, d), or None.
+
+    sin's first half is negated, so that apply_rotary turns each pair by a roll of x, without the
+    split, negation and concatenation of the usual rotate_half.
+    """
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim_head, 2, device=positions.device).float() / dim_head))
     freqs = positions.float()[..., None] * inv_freq  # (b, n, d/2)
-    freqs = torch.cat((freqs, freqs), dim=-1)  # (b, n, d)
-    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
-    scale = None
+    cos, sin = freqs.cos(), freqs.sin()
+    cos, sin = torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]  # (b, 1, n, d)
+    xpos = None
     if xpos_scale_base is not None:
         # q is scaled by s^pos and k by s^-pos, so their product decays with the relative distance
         base = (torch.arange(0, dim_head, 2, device=positions.device).float() + 0.4 * dim_head) / (1.4 * dim_head)
         power = positions.float()[..., None] / xpos_scale_base
-        scale = torch.cat((base**power, base**power), dim=-1)[:, None]
-    return cos.to(dtype), sin.to(dtype), None if scale is None else scale.to(dtype)
+        scale = torch.cat((base**power, base**power), dim=-1)[:, None].to(dtype)
+        xpos = (scale, scale.reciprocal())
+    return cos.to(dtype), sin.to(dtype), xpos
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x, cos, sin, scale=None):
-    rotated = x * cos + rotate_half(x) * sin
-    return rotated if scale is None else rotated * scale
+def apply_rotary(x, cos, sin):
+    """x (..., d) turned pairwise (x_i, x_{i + d/2}) by the angles of the tables (RoFormer eq. 34)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll: (x1, x2) -> (x2, x1); sin is signed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,6 +119,18 @@ def attend_math(q, k, v, mask, dropout_p, training):
         sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
     attn = F.dropout(sim.softmax(dim=-1), dropout_p, training)
     return attn @ v  # (b, h, i, d)
+
+
+def attend_one_query(q, k, v, mask, dropout_p, training):
+    """A cached decoding step (n == 1): the h query heads share the one key/value head, so they are
+    h rows of one (b, h, d) @ (b, d, m) product, without the broadcast copy of the cache that a
+    (b, h, 1, d) @ (b, 1, d, m) matmul makes."""
+    b, h, _, d = q.shape
+    sim = (q.view(b, h, d) @ k[:, 0].transpose(1, 2)) * d**-0.5  # (b, h, m)
+    if mask is not None:
+        sim = sim.masked_fill(~mask[:, :, 0], torch.finfo(sim.dtype).min)  # mask (b, 1, 1, m) -> (b, 1, m)
+    attn = F.dropout(sim.softmax(dim=-1), dropout_p) if training else sim.softmax(dim=-1)
+    return (attn @ v[:, 0]).view(b, h, 1, d)
 
 
 def attend_sdpa(q, k, v, mask, dropout_p, training):
@@ -169,21 +182,40 @@ def resolve_attn_backend(flash_attn: bool) -> str:
 
 
 class KVCache:
-    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, device, dtype):
+    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, device, dtype,
+                 xpos_scale_base: int | None = None):
         self.k = torch.zeros(depth, batch, 1, max_len, dim_head, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.any_padding = False
+        # the rotary tables of every position the cache can hold, built once: a step gathers its rows
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin, xpos = rotary_tables(positions, dim_head, xpos_scale_base, dtype)
+        self.rotary_table = (cos[0, 0], sin[0, 0], None if xpos is None else tuple(t[0, 0] for t in xpos))
 
-    def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """Registers n new tokens' mask (b, n); returns their positions (b, n)."""
-        n = mask.shape[1]
+    def append(self, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Registers n new tokens, real where mask (b, n) says (all of them when None); returns their
+        positions (b, n)."""
+        if mask is None and n == 1:  # a decoding step: three small ops
+            self.key_mask[:, self.length].fill_(True)
+            positions = self.next_position[:, None]
+            self.next_position = self.next_position + 1
+            return positions
+        if mask is None:
+            mask = torch.ones(self.key_mask.shape[0], n, dtype=torch.bool, device=self.key_mask.device)
         self.key_mask[:, self.length : self.length + n] = mask
         positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
         self.next_position = self.next_position + mask.long().sum(dim=1)
+        self.any_padding = self.any_padding or not bool(mask.all())
         return positions.clamp(min=0)
+
+    def rotary(self, positions: torch.Tensor):
+        """rotary_tables(positions, ...) for positions (b, n), gathered from the tables built once."""
+        cos, sin, xpos = self.rotary_table
+        xpos = None if xpos is None else tuple(t[positions][:, None] for t in xpos)
+        return cos[positions][:, None], sin[positions][:, None], xpos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes this step's (b, 1, n, d) keys/values; returns all keys/values so far."""
@@ -211,9 +243,9 @@ class ParallelBlock(nn.Module):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         attn_inner, ff_inner = heads * dim_head, dim * ff_mult
-        # q, k, v and SwiGLU's value and gate, split straight from the fused output so that backward
-        # concatenates their gradients once, not twice (as a later chunk of the SwiGLU part would)
-        self.split_sizes = (attn_inner, dim_head, dim_head, ff_inner, ff_inner)
+        # q and k (rotated together), v and SwiGLU's value and gate, split straight from the fused
+        # output so that backward concatenates their gradients once, not twice (as a later chunk would)
+        self.split_sizes = (attn_inner + dim_head, dim_head, ff_inner, ff_inner)
         self.norm = nn.LayerNorm(dim, bias=False)
         self.fused_in = nn.Linear(dim, sum(self.split_sizes), bias=False)
         self.attn_out = nn.Linear(attn_inner, dim, bias=False)
@@ -223,24 +255,31 @@ class ParallelBlock(nn.Module):
     def forward(self, x, rotary, mask, backend, lora=None, cache=None, layer=0):
         b, n, _ = x.shape
         normed = self.norm(x)
-        q, k, v, ff_in, gate = self.fused_in(normed).split(self.split_sizes, dim=-1)
+        qk, v, ff_in, gate = self.fused_in(normed).split(self.split_sizes, dim=-1)
         if lora is not None:
-            q, k, v = q + lora["q"](normed), k + lora["k"](normed), v + lora["v"](normed)
+            qk = qk + torch.cat((lora["q"](normed), lora["k"](normed)), dim=-1)
+            v = v + lora["v"](normed)
 
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        k, v = k[:, None], v[:, None]  # (b, 1, n, d): one key/value head
-        cos, sin, xpos_scale = rotary
-        q = apply_rotary(q, cos, sin, xpos_scale)
-        k = apply_rotary(k, cos, sin, None if xpos_scale is None else xpos_scale.reciprocal())
+        # q's h heads and k's one head are h + 1 heads side by side: rotated together, then split
+        # (views, not einops, on this path: a decoding step is a few dozen small ops, and einops'
+        # per-call cost showed in its profile)
+        cos, sin, xpos = rotary
+        qk = apply_rotary(qk.view(b, n, self.heads + 1, self.dim_head).transpose(1, 2), cos, sin)  # (b, h + 1, n, d)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]  # (b, h, n, d), (b, 1, n, d)
+        if xpos is not None:
+            q, k = q * xpos[0], k * xpos[1]
+        v = v[:, None]  # (b, 1, n, d): one key/value head
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (b, 1, m, d)
 
         # one query (a cached decoding step) is two small matmuls: cheaper than a fused kernel's set-up
-        attend = attend_math if n == 1 else ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
+        attend = attend_one_query if n == 1 else ATTEND[backend if (backend != "flash" or mask is None) else "sdpa"]
         attn = attend(q, k, v, mask, self.attn_dropout, self.training)
-        attn = rearrange(attn, "b h n d -> b n (h d)")
+        attn = attn.transpose(1, 2).reshape(b, n, -1)  # (b, n, h * d)
 
-        ff_hidden = F.dropout(F.silu(gate) * ff_in, self.ff_dropout, self.training)  # SwiGLU
+        ff_hidden = F.silu(gate) * ff_in  # SwiGLU
+        if self.training:
+            ff_hidden = F.dropout(ff_hidden, self.ff_dropout)
         attn_out = self.attn_out(attn)
         if lora is not None:
             attn_out = attn_out + lora["o"](attn)
@@ -262,6 +301,18 @@ def attention_mask(key_mask: torch.Tensor | None, n: int) -> torch.Tensor | None
     causal = torch.ones(n, m, dtype=torch.bool, device=key_mask.device).tril(m - n)
     itself = torch.eye(n, m, dtype=torch.bool, device=key_mask.device).roll(m - n, dims=1)
     return (causal & key_mask[:, None, None, :]) | itself
+
+
+def outside_autograd(fn):
+    """Runs fn under torch.inference_mode, which spares each op of a decoding step autograd's
+    bookkeeping (version counters, view tracking), and returns clones of its tensors: normal tensors,
+    which a loss may use later (PPO embeds the sampled tokens)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,6 +366,10 @@ class PaLM(nn.Module):
     @property
     def device(self):
         return self.token_emb.weight.device
+
+    @property
+    def xpos_scale_base(self) -> int | None:
+        return self.config.xpos_scale_base if self.config.rotary_xpos else None
 
     def set_dropout(self, dropout: float):
         for layer in self.layers:
@@ -427,11 +482,14 @@ class PaLM(nn.Module):
             self._check_token_ids(x)
         n = x.shape[1]
         if cache is not None:
-            positions = cache.append_mask(mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-            cache.any_padding = cache.any_padding or (mask is not None and not bool(mask.all()))
-            # without padding, a prefill keeps the fused causal kernels and a one-token step needs no mask
-            unmasked = not cache.any_padding and (cache.length == 0 or n == 1)
-            attn_mask = None if unmasked else attention_mask(cache.key_mask[:, : cache.length + n], n)
+            positions = cache.append(n, mask)
+            key_mask = cache.key_mask[:, : cache.length + n]
+            if not cache.any_padding and (cache.length == 0 or n == 1):
+                attn_mask = None  # a prefill keeps the fused causal kernels; a one-token step sees every key
+            elif n == 1 and mask is None:
+                attn_mask = key_mask[:, None, None]  # one real token sees every real key: (b, 1, 1, m)
+            else:
+                attn_mask = attention_mask(key_mask, n)
         elif mask is not None:
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
             attn_mask = attention_mask(mask, n)
@@ -442,8 +500,10 @@ class PaLM(nn.Module):
         h = self.token_emb(x)
         if extra_embed is not None:
             h = h + extra_embed
-        c = self.config
-        rotary = rotary_tables(positions, c.dim_head, c.xpos_scale_base if c.rotary_xpos else None, h.dtype)
+        if cache is not None:
+            rotary = cache.rotary(positions)
+        else:
+            rotary = rotary_tables(positions, self.config.dim_head, self.xpos_scale_base, h.dtype)
         for i, (layer, lora) in enumerate(self._layers_and_adapters(finetune_scope, disable_lora)):
             h = layer(h, rotary, attn_mask, self.attn_backend, lora=lora, cache=cache, layer=i)
         if cache is not None:
@@ -473,7 +533,7 @@ class PaLM(nn.Module):
 
     # --- generation -------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @outside_autograd
     def generate(
         self,
         seq_len: int,
@@ -518,7 +578,8 @@ class PaLM(nn.Module):
 
         cache = None
         if use_cache:
-            cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device, self.token_emb.weight.dtype)
+            cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device,
+                            self.token_emb.weight.dtype, self.xpos_scale_base)
             logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
             if num_samples_per_prompt > 1:
                 cache.repeat_interleave(num_samples_per_prompt)
@@ -533,16 +594,17 @@ class PaLM(nn.Module):
         log_probs = torch.zeros(b, num_new, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         for t in range(num_new):
-            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator)
-            tokens[:, t] = token.masked_fill(done, self.pad_id)
-            log_probs[:, t] = log_prob.masked_fill(done, 0.0)
-            if eos_token is not None:
+            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator, return_log_probs)
+            if eos_token is not None:  # rows that have ended get PAD, at log-prob 0
+                token = token.masked_fill(done, self.pad_id)
+                log_prob = None if log_prob is None else log_prob.masked_fill(done, 0.0)
                 done = done | (token == eos_token)
-                if bool(done.all()):
-                    break
-            if t == num_new - 1:
+            tokens[:, t] = token
+            if return_log_probs:
+                log_probs[:, t] = log_prob
+            if t == num_new - 1 or (eos_token is not None and bool(done.all())):
                 break
-            step = tokens[:, t : t + 1]
+            step = token[:, None]  # (b, 1)
             if use_cache:
                 logits = self(step, cache=cache, **scope)[:, -1]
             else:
@@ -674,12 +736,17 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | N
     return logits
 
 
-def sample_token(logits, temperature, top_k, top_p, generator=None):
-    """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,)."""
+def sample_token(logits, temperature, top_k, top_p, generator=None, with_log_prob=True):
+    """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,) or
+    None without `with_log_prob`."""
+    scaled = logits if temperature in (0, 1) else logits / temperature
     if temperature == 0:
         token = logits.argmax(dim=-1)
-        return token, logits.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
-    scaled = logits / temperature
-    filtered = top_k_top_p_filter(scaled, top_k, top_p)
-    token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator)[:, 0]
+    else:
+        probs = top_k_top_p_filter(scaled, top_k, top_p).softmax(dim=-1)
+        # the exponential race argmax(p / q), q ~ Exp(1): what torch.multinomial draws for one sample,
+        # from the same random numbers, without its checks of p (a dozen small ops per step)
+        token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+    if not with_log_prob:
+        return token, None
     return token, scaled.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]

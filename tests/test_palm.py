@@ -130,6 +130,48 @@ def test_sampling_is_reproducible_with_a_generator(palm):
     assert torch.equal(a, b)
 
 
+# tokens and log-prob sums that generate gave before the decoding loop was optimised, per setting:
+# a faster sampler must draw exactly the same tokens from the same generator
+PINNED_SAMPLES = [
+    (dict(), dict(temperature=0.0),
+     [[172, 22, 1, 172, 22, 1, 241, 241, 241, 241], [47, 226, 186, 186, 186, 186, 186, 186, 186, 186],
+      [67, 87, 87, 173, 214, 186, 186, 186, 186, 186]], [-17.6981, -18.2903, -14.5366]),
+    (dict(), dict(temperature=1.0),
+     [[22, 31, 48, 47, 58, 229, 151, 218, 203, 198], [152, 8, 8, 173, 8, 220, 46, 141, 117, 216],
+      [87, 67, 176, 57, 47, 112, 22, 150, 150, 11]], [-40.2144, -34.4120, -33.1096]),
+    (dict(), dict(temperature=0.7, top_k=5, eos_token=47),
+     [[22, 22, 202, 47] + [PAD_ID] * 6, [47] + [PAD_ID] * 9, [87, 87, 47] + [PAD_ID] * 7], [-7.8068, -0.4683, -6.2527]),
+    (dict(), dict(temperature=1.0, top_p=0.8),
+     [[22, 31, 48, 47, 58, 229, 151, 178, 7, 45], [152, 8, 8, 173, 8, 8, 46, 141, 117, 117],
+      [87, 67, 78, 186, 186, 112, 112, 186, 67, 27]], [-36.2443, -29.4970, -28.7804]),
+    (dict(rotary_xpos=True), dict(temperature=1.0),
+     [[22, 31, 48, 47, 58, 229, 151, 218, 203, 198], [152, 8, 8, 173, 8, 220, 46, 141, 117, 216],
+      [87, 67, 176, 57, 47, 112, 22, 150, 150, 11]], [-40.2179, -34.4191, -33.1061]),
+]
+
+
+@pytest.mark.parametrize("model_overrides, sampling, expected_tokens, expected_log_prob_sums", PINNED_SAMPLES)
+def test_cached_sampling_draws_the_pinned_tokens(model_overrides, sampling, expected_tokens, expected_log_prob_sums):
+    palm = tiny(tie_embedding=False, **model_overrides)
+    with torch.no_grad():
+        palm.to_logits.weight *= 4  # peaked distributions, so top-k and top-p bite
+    prompts = [torch.tensor([104, 105]), torch.tensor([97, 98, 99, 100, 101]), torch.tensor([120])]  # left-padded
+    tokens, log_probs = palm.generate(15, prompt=prompts, generator=torch.Generator().manual_seed(3),
+                                      return_log_probs=True, **sampling)
+    assert tokens.tolist() == expected_tokens
+    torch.testing.assert_close(log_probs.sum(dim=1), torch.tensor(expected_log_prob_sums), atol=1e-3, rtol=0)
+
+
+def test_generated_tensors_can_enter_a_loss(palm):
+    """generate samples under inference mode; what it returns must still be usable by autograd."""
+    prompt = torch.randint(0, 256, (2, 4))
+    tokens, log_probs = palm.generate(12, prompt=prompt, return_log_probs=True)
+    assert not tokens.is_inference() and not log_probs.is_inference()
+    loss = palm(torch.cat((prompt, tokens), dim=1), return_loss=True) + log_probs.sum() * 0
+    loss.backward()
+    assert palm.token_emb.weight.grad is not None
+
+
 def test_out_of_range_token_ids_give_a_clear_error(palm):
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 258\)"):
         palm(torch.tensor([[1, 2, 258]]))
