@@ -1,7 +1,7 @@
 """Export round trips: answers in the database -> JSONL -> the readers train_reward.py and DPO use."""
 import json
 import re
-import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -140,12 +140,16 @@ def test_cli_import_rate_export(tmp_path):
     """The command line against a real SQLite file: import, add a user, export."""
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["x", "y"]}) + "\n")
     cli = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(tmp_path / "data")]
-    run = lambda *args: subprocess.run([*cli, *args], cwd=REPO, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    run = lambda *args, input=None: subprocess.run(  # noqa: E731
+        [*cli, *args], cwd=REPO, input=input, capture_output=True, text=True, check=True).stdout
     assert "imported 3 items" in run("import", str(tmp_path / "in.jsonl"))
-    assert "created rater ann" in run("adduser", "ann", "--password", "a-long-pass-phrase")
+    assert "created rater ann" in run("adduser", "ann", "--password-file", "-", input="a-long-pass-phrase\n")
     assert "/invite/" in run("invite", "--base-url", "http://example.org")
     out = run("export", "--ratings", str(tmp_path / "r.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
-    assert "wrote 0 lines" in out and (tmp_path / "data" / "db.sqlite3").exists()
+    assert "wrote 0 lines" in out
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in (tmp_path / "data").iterdir()}
+    assert "db.sqlite3" in modes and set(modes.values()) == {"0o600"}  # password hashes, sessions, invites
+    assert oct(stat.S_IMODE((tmp_path / "data").stat().st_mode)) == "0o700"
 
 
 def test_export_trains_reward_model(client_for, make_items, tmp_path):
