@@ -33,7 +33,7 @@ urlpatterns = [
     path("tasks/progress/", views.tasks_progress, name="tasks_progress"),
     path("invites/", views.invites, name="invites"),
     path("invite/<str:token>/", views.accept_invite, name="accept_invite"),
-    path("login/", auth_views.LoginView.as_view(template_name="feedback/login.html"), name="login"),
+    path("login/", views.Login.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     # static files straight from the app folders: a handful of small files, no collectstatic step

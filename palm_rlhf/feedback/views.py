@@ -9,6 +9,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.db import IntegrityError, transaction
@@ -20,6 +21,7 @@ from django.views.decorators.http import require_POST
 
 from . import export, stats
 from .models import Answer, GenerationJob, Invite, Item, Prompt, Response
+from .throttle import LoginForm, refused
 
 PAGES = {Item.RATE: "rate", Item.COMPARE: "compare"}
 
@@ -93,6 +95,17 @@ def card_context(rater, kind: str) -> dict:
     if answer and kind == Item.RATE:
         context["bins"] = range(1, answer.item.num_bins + 1)
     return context
+
+
+class Login(auth_views.LoginView):
+    template_name = "feedback/login.html"
+    authentication_form = LoginForm
+
+    def form_invalid(self, form):
+        response = super().form_invalid(form)
+        if refused(form):
+            response.status_code = 429
+        return response
 
 
 @login_required
