@@ -35,6 +35,8 @@ from palm_rlhf.data import (
     read_ratings,
     split_snippets,
     stable_bucket,
+    corrupt_text,
+    truncate_words,
     vader_compound,
 )
 from palm_rlhf.reward import RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
@@ -63,7 +65,7 @@ class TrainRewardConfig:
     lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset"})
     preset: str = field(default="small", metadata={"help": "model size when --lm_checkpoint is none"})
     mode: str = field(default="pairwise", metadata={"help": "pairwise (scalar, Bradley-Terry) or binned (K-way rating classifier)"})
-    data: str = field(default="movieReviewSnippets", metadata={"help": f"a VADER rated set ({', '.join(VADER_SETS)}) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}"})
+    data: str = field(default="movieReviewSnippets", metadata={"help": f"VADER rated sets joined by + ({', '.join(VADER_SETS)}; held-out metrics on the first) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}"})
     num_bins: int = field(default=5, metadata={"help": "rating bins (stars) of the binned head"})
     prompt_words: int = field(default=4, metadata={"help": "words of a plain snippet used as its prompt (as review_prompts)"})
     pair_margin: float = field(default=1.0, metadata={"help": "least difference of ratings for a derived preference pair"})
@@ -73,6 +75,8 @@ class TrainRewardConfig:
     pool: str = field(default="mean", metadata={"help": "where the score is read: mean (over all real tokens) or eos (the final EOS)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the pooled embedding before the head"})
     max_len: int = field(default=256, metadata={"help": "bytes per sequence; longer responses are cut, EOS kept"})
+    truncate_prob: float = field(default=0.0, metadata={"help": "share of training responses cut after a random word, without the closing EOS (as RL's unfinished samples)"})
+    corrupt_prob: float = field(default=0.0, metadata={"help": "pairwise mode on rated texts: share of a batch's texts also given as a corrupted copy ranked below its original"})
     batch_size: int = field(default=32, metadata={"help": "rated texts (or given pairs) per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     steps: int = field(default=400, metadata={"help": "optimizer steps"})
@@ -96,16 +100,18 @@ class TrainRewardConfig:
 
 
 def vader_set_data(cfg) -> dict:
-    splits = split_snippets(load_rated_snippets(cfg.data))  # splits["prompts"] is never used here
+    """The train splits of every set named in --data (all rated on the same -4..4 scale); the test split of
+    the first, so that held-out figures compare across mixes. The `prompts` splits are never used here."""
+    splits = [split_snippets(load_rated_snippets(name)) for name in cfg.data.split("+")]
 
     def ratings(snippets):
         return [dict(zip(("prompt", "response"), split_prompt(s.text, cfg.prompt_words)),
                      stars=bin_rating(s.mean, cfg.num_bins), mean=s.mean) for s in snippets]
 
-    test_ratings = ratings(splits["test"])
+    test_ratings = ratings(splits[0]["test"])
     # pairwise training forms its pairs inside each batch of rated texts: no fixed training pairs
-    return dict(train_ratings=ratings(splits["train"]), test_ratings=test_ratings, train_pairs=[],
-                test_pairs=pairs_from_ratings(test_ratings, cfg.pair_margin, cfg.seed))
+    return dict(train_ratings=[r for split in splits for r in ratings(split["train"])], test_ratings=test_ratings,
+                train_pairs=[], test_pairs=pairs_from_ratings(test_ratings, cfg.pair_margin, cfg.seed))
 
 
 def pairs_from_ratings(ratings, margin, seed) -> list:
@@ -147,7 +153,11 @@ def load_data(cfg) -> dict:
         raise SystemExit(f"--mode must be binned or pairwise, got {cfg.mode!r}")
     if cfg.pool not in ("mean", "eos"):
         raise SystemExit(f"--pool must be mean or eos, got {cfg.pool!r}")
-    if cfg.data in VADER_SETS:
+    if not (0 <= cfg.truncate_prob <= 1 and 0 <= cfg.corrupt_prob <= 1):
+        raise SystemExit("--truncate_prob and --corrupt_prob must be in [0, 1]")
+    if cfg.corrupt_prob and cfg.mode != "pairwise":
+        raise SystemExit("--corrupt_prob ranks corrupted copies below their originals: it needs --mode pairwise")
+    if all(name in VADER_SETS for name in cfg.data.split("+")):
         data = vader_set_data(cfg)
     elif cfg.data.endswith(".jsonl") and Path(cfg.data).is_file():
         data = jsonl_data(cfg)
@@ -161,13 +171,24 @@ def load_data(cfg) -> dict:
     return data
 
 
-def encode(side, max_len) -> tuple:
-    return encode_reward_input(*side, max_len=max_len)
+def collate(sides, max_len, device, ended=None) -> tuple:
+    """(prompt, response) pairs -> right-padded seq, prompt_mask, mask on `device`; `ended[i]` False
+    leaves out the closing EOS of side i."""
+    ended = ended or [True] * len(sides)
+    encoded = [encode_reward_input(*side, max_len=max_len, ended=e) for side, e in zip(sides, ended)]
+    return tuple(t.to(device) for t in pad_right(*zip(*encoded)))
 
 
-def collate(sides, max_len, device) -> tuple:
-    """(prompt, response) pairs -> right-padded seq, prompt_mask, mask on `device`."""
-    return tuple(t.to(device) for t in pad_right(*zip(*(encode(s, max_len) for s in sides))))
+def augmented_sides(batch, cfg, rng) -> tuple:
+    """The batch's (prompt, response) sides, a --truncate_prob share of responses cut short and left
+    without their EOS; and a --corrupt_prob share of them corrupted: (sides, ended, corrupted copies of sides[:m])."""
+    sides, ended = [], []
+    for r in batch:
+        cut = rng.random() < cfg.truncate_prob
+        sides.append((r["prompt"], truncate_words(r["response"], rng) if cut else r["response"]))
+        ended.append(not cut)
+    m = int(round(cfg.corrupt_prob * len(batch)))
+    return sides, ended, [(prompt, corrupt_text(response, rng)) for prompt, response in sides[:m]]
 
 
 def sample_batch(items, batch_size, step, seed, rank) -> list:
@@ -266,17 +287,23 @@ def build_model(cfg) -> RewardModel:
 
 
 def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
+    rng = np.random.default_rng([cfg.seed, step, rank, 1])  # augmentation, reproducible like the batch
     if cfg.mode == "binned":
         batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
-        seq, prompt_mask, mask = collate([(r["prompt"], r["response"]) for r in batch], cfg.max_len, device)
+        sides, ended, _ = augmented_sides(batch, cfg, rng)
+        seq, prompt_mask, mask = collate(sides, cfg.max_len, device, ended)
         labels = torch.tensor([r["stars"] - 1 for r in batch], device=device)  # class indices 0..K-1
         return model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels)
     if data["train_ratings"]:  # every pair of the batch's rated texts at least --pair_margin apart
         batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
-        seq, prompt_mask, mask = collate([(r["prompt"], r["response"]) for r in batch], cfg.max_len, device)
+        sides, ended, corrupted = augmented_sides(batch, cfg, rng)
+        seq, prompt_mask, mask = collate(sides + corrupted, cfg.max_len, device, ended + ended[: len(corrupted)])
         ratings = torch.tensor([float(r["mean"]) for r in batch], device=device)
         rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
-        return all_pairs_bradley_terry_loss(rewards, ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
+        loss = all_pairs_bradley_terry_loss(rewards[: len(batch)], ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
+        if corrupted:  # each original above its corrupted copy
+            loss = loss + bradley_terry_loss(rewards[: len(corrupted)], rewards[len(batch):], margin=cfg.loss_margin)
+        return loss
     batch = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank)
     # chosen and rejected in one forward pass, so DDP sees a single call
     seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], cfg.max_len, device)

@@ -207,6 +207,36 @@ def review_prompts(n_words: int = 4, split: str = "prompts") -> list:
     return [" ".join(s.text.split()[:n_words]) for s in snippets]
 
 
+def truncate_words(text: str, rng) -> str:
+    """The first k of the words of `text`, k uniform in 1..len - 1 (the text itself if it has one word),
+    keeping its leading space: a response as RL sees it when sampling stopped at the length limit."""
+    words = text.split()
+    if len(words) < 2:
+        return text
+    kept = " ".join(words[: int(rng.integers(1, len(words)))])
+    return " " + kept if text.startswith(" ") else kept
+
+
+def corrupt_text(text: str, rng) -> str:
+    """A degenerate copy of `text` in one of the ways RL breaks language: the letters of every word
+    shuffled, one word repeated to the end, a third of the letters replaced at random, or the spaces
+    dropped. Paired below their originals, such copies teach a reward model that broken text is worse
+    (negatives made by corrupting real text)."""
+    words = text.split()
+    kind = int(rng.integers(4))
+    if kind == 0:
+        words = ["".join(rng.permutation(list(w))) for w in words]
+    elif kind == 1:
+        i = int(rng.integers(len(words)))
+        words = words[:i] + [words[i]] * max(4, len(words) - i)
+    elif kind == 2:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        words = ["".join(letters[rng.integers(26)] if rng.random() < 1 / 3 else c for c in w) for w in words]
+    corrupted = ("" if kind == 3 else " ").join(words)
+    corrupted = " " + corrupted if text.startswith(" ") else corrupted
+    return corrupted if corrupted != text else corrupted + corrupted
+
+
 def make_preference_pairs(snippets: list, margin: float = 1.0, max_pairs: int = None,
                           seed: int = 0, uses_per_text: int = 2) -> list:
     """Pairwise preferences from rated texts: list[dict(prompt, chosen, rejected)].

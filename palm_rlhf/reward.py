@@ -108,10 +108,11 @@ def split_prompt(text: str, n_words: int = 4) -> tuple:
     return " ".join(words[:n]), " " + " ".join(words[n:])
 
 
-def encode_reward_input(prompt: str, response: str, max_len: int | None = None) -> tuple:
+def encode_reward_input(prompt: str, response: str, max_len: int | None = None, ended: bool = True) -> tuple:
     """(seq, prompt_mask), both (n,): [EOS] + prompt + response + [EOS], prompt_mask on [EOS] + prompt.
 
-    With `max_len`, the response is cut so that the sequence still ends with its EOS.
+    With `max_len`, the response is cut so that the sequence still ends with its EOS. `ended=False`
+    leaves the closing EOS out, as RL scores a sampled response that reached the length limit.
     """
     prompt_ids = [EOS_ID, *prompt.encode("utf-8")]
     response_ids = list(response.encode("utf-8"))
@@ -119,7 +120,7 @@ def encode_reward_input(prompt: str, response: str, max_len: int | None = None) 
         if len(prompt_ids) + 1 >= max_len:
             raise ValueError(f"a prompt of {len(prompt_ids) - 1} bytes leaves no room for a response in max_len={max_len}")
         response_ids = response_ids[: max_len - len(prompt_ids) - 1]
-    seq = torch.tensor(prompt_ids + response_ids + [EOS_ID])
+    seq = torch.tensor(prompt_ids + response_ids + [EOS_ID] * ended)
     prompt_mask = torch.arange(len(seq)) < len(prompt_ids)
     return seq, prompt_mask
 

@@ -1,6 +1,7 @@
 import importlib.util
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,20 @@ def test_corpus_token_file_is_cached_and_rebuilt_when_the_file_changes(tmp_path)
     source.write_text("xyz\n" * 300)
     rebuilt = data.corpus_token_file(str(source), "train", tokenizer, cache_dir=tmp_path / "cache")
     assert rebuilt != first and data.TokenWindows(rebuilt, 8).tokens[0] == ord("x")
+
+
+def test_truncate_words_keeps_a_shorter_word_prefix():
+    rng = np.random.default_rng(0)
+    text = " a gorgeous, witty, seductive movie."
+    for _ in range(20):
+        cut = data.truncate_words(text, rng)
+        assert cut.startswith(" ") and text.startswith(cut) and 1 <= len(cut.split()) < len(text.split())
+    assert data.truncate_words(" one", rng) == " one"
+
+
+def test_corrupt_text_always_changes_the_text():
+    rng = np.random.default_rng(0)
+    texts = [" a gorgeous, witty, seductive movie.", "ok", "a", " two words"]
+    for text in texts * 25:
+        corrupted = data.corrupt_text(text, rng)
+        assert corrupted != text and corrupted.startswith(" ") == text.startswith(" ")

@@ -1,14 +1,17 @@
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.data import write_jsonl
 from palm_rlhf.reward import RewardModel, encode_reward_input, pad_right
+from palm_rlhf.tokenizer import EOS_ID
 from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +46,26 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert out.returncode != 0 and "--pool must be mean or eos" in out.stderr
     out = run_script("--lm_checkpoint", str(tmp_path / "nothing"), "--out_dir", str(tmp_path))
     assert out.returncode != 0 and "run train_lm.py first" in out.stderr
+    out = run_script("--lm_checkpoint", "none", "--mode", "binned", "--corrupt_prob", "0.5", "--out_dir", str(tmp_path))
+    assert out.returncode != 0 and "it needs --mode pairwise" in out.stderr
+    out = run_script("--lm_checkpoint", "none", "--truncate_prob", "2", "--out_dir", str(tmp_path))
+    assert out.returncode != 0 and "must be in [0, 1]" in out.stderr
+
+
+def test_augmented_batch_cuts_and_corrupts_the_shares_asked_for():
+    spec = importlib.util.spec_from_file_location("train_reward_script", ROOT / "train_reward.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = script.TrainRewardConfig(truncate_prob=0.5, corrupt_prob=0.25)
+    batch = [dict(prompt="The movie is", response=" a gorgeous, witty, seductive movie.")] * 40
+    sides, ended, corrupted = script.augmented_sides(batch, cfg, np.random.default_rng(0))
+    assert 10 <= ended.count(False) <= 30 and len(corrupted) == 10
+    for (prompt, response), is_ended in zip(sides, ended):
+        assert prompt == "The movie is" and (response == batch[0]["response"]) == is_ended
+    assert all(c[0] == s[0] and c[1] != s[1] for c, s in zip(corrupted, sides))
+    seq, _, mask = script.collate(sides[:2], 96, "cpu", ended[:2])
+    last = seq[torch.arange(2), mask.sum(dim=1) - 1]
+    assert [bool(t == EOS_ID) for t in last] == ended[:2]
 
 
 @pytest.mark.parametrize("mode", ["pairwise", "binned"])
@@ -50,7 +73,8 @@ def test_run_on_an_lm_checkpoint_end_to_end_keeps_its_base(tmp_path, mode):
     torch.manual_seed(0)
     PaLM.from_config(PaLMConfig.from_name("tiny")).save(tmp_path / "lm")
     run = tmp_path / "run"
-    out = run_script(*TINY, "--lm_checkpoint", str(tmp_path / "lm"), "--mode", mode, "--steps", "3", "--out_dir", str(run))
+    augment = ["--data", "movieReviewSnippets+tweets", "--truncate_prob", "0.5"] + (["--corrupt_prob", "0.25"] if mode == "pairwise" else [])
+    out = run_script(*TINY, *augment, "--lm_checkpoint", str(tmp_path / "lm"), "--mode", mode, "--steps", "3", "--out_dir", str(run))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out pairwise accuracy" in out.stdout and "VADER lexicon" in out.stdout
     final = json.loads((run / "final_metrics.json").read_text())

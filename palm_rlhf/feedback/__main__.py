@@ -3,7 +3,7 @@
   serve     migrate, optionally import or start background sampling, then serve on a threaded server
   import    add responses from a JSONL file
   generate  sample responses from a checkpoint in the foreground
-  adduser   create a rater (or, with --staff, someone who sees stats and exports)
+  adduser   create a rater (--staff: sees stats and exports; --superuser: also every admin permission)
   invite    print a one-use sign-up link
   export    write ratings.jsonl / pairs.jsonl for train_reward.py and DPO
   manage    any Django management command, e.g. `manage createsuperuser`
@@ -25,7 +25,13 @@ def setup_django(data_dir: str | None) -> None:
         sys.exit("The feedback app needs Django: pip install 'palm-rlhf[feedback]'")
     from django.conf import settings
 
-    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = settings.DATA_DIR  # the first look imports the settings module
+    except ValueError as error:  # a setting given in the environment that cannot work
+        sys.exit(str(error))
+    from .settings import private_folder
+
+    private_folder(folder)
     django.setup()
 
 
@@ -33,6 +39,14 @@ def migrate() -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0, interactive=False)
+
+
+def check_item_options(args) -> None:
+    """One line, before anything is stored: one bin leaves no choice, and no rater would see an item."""
+    if getattr(args, "num_bins", 2) < 2:
+        sys.exit(f"--num-bins must be 2 or more, not {args.num_bins}")
+    if getattr(args, "overlap", 1) < 1:
+        sys.exit(f"--overlap must be 1 or more, not {args.overlap}")
 
 
 def add_item_options(parser, sampling: bool) -> None:
@@ -56,6 +70,10 @@ def parse_args(argv):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=8, help="server worker threads")
+    serve.add_argument("--origin", help="public address raters open, e.g. https://feedback.example.org "
+                                        "(or PALM_RLHF_FEEDBACK_ORIGIN)")
+    serve.add_argument("--behind-proxy", action="store_true",
+                       help="a reverse proxy in front sets X-Forwarded-Proto/-For (or PALM_RLHF_FEEDBACK_PROXY=1)")
     serve.add_argument("--import", dest="import_file", help="JSONL responses to import before serving")
     add_item_options(serve, sampling=True)
 
@@ -66,14 +84,17 @@ def parse_args(argv):
     generate = commands.add_parser("generate", help="sample responses in the foreground")
     add_item_options(generate, sampling=True)
 
-    adduser = commands.add_parser("adduser", help="create an account")
+    # no abbreviations: `--password X` must not pass for `--password-file X`
+    adduser = commands.add_parser("adduser", help="create an account", allow_abbrev=False)
     adduser.add_argument("username")
-    adduser.add_argument("--staff", action="store_true", help="may see stats, tasks, exports and the admin")
-    adduser.add_argument("--password", help="asked for when left out")
+    adduser.add_argument("--staff", action="store_true", help="may see stats, tasks, exports and invites")
+    adduser.add_argument("--superuser", action="store_true", help="staff with every permission in the admin")
+    adduser.add_argument("--password-file", help="read the password from this file's first line ('-': stdin); "
+                                                 "otherwise it is asked for without echo")
 
     invite = commands.add_parser("invite", help="print a one-use sign-up link")
     invite.add_argument("--staff", action="store_true")
-    invite.add_argument("--base-url", default="http://127.0.0.1:8000")
+    invite.add_argument("--base-url", help="default: PALM_RLHF_FEEDBACK_ORIGIN, else http://127.0.0.1:8000")
 
     export = commands.add_parser("export", help="write JSONL for train_reward.py / DPO")
     export.add_argument("--ratings", help='path for {"prompt", "response", "rating"} lines')
@@ -81,7 +102,9 @@ def parse_args(argv):
 
     manage = commands.add_parser("manage", help="a Django management command")
     manage.add_argument("args", nargs=argparse.REMAINDER)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_item_options(args)
+    return args
 
 
 def start_sampling(args, background: bool) -> None:
@@ -99,32 +122,67 @@ def serve(args) -> None:
         from waitress import serve as waitress_serve
     except ImportError:
         sys.exit("serve needs waitress: pip install 'palm-rlhf[feedback]'")
+    from django.conf import settings
+
     from .tasks import import_jsonl
     from .wsgi import application
 
     if args.import_file:
         print(f"imported {import_jsonl(args.import_file, args.num_bins, args.overlap)} items")
     start_sampling(args, background=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: waitress should sit behind a reverse proxy (nginx, Caddy) on 127.0.0.1: see the README")
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    waitress_serve(application, host=args.host, port=args.port, threads=args.threads, ident="palm-rlhf-feedback")
+    # waitress drops X-Forwarded-* headers unless told otherwise; behind a proxy, Django reads them
+    waitress_serve(application, host=args.host, port=args.port, threads=args.threads, ident="palm-rlhf-feedback",
+                   clear_untrusted_proxy_headers=not settings.FEEDBACK_BEHIND_PROXY)
+
+
+def read_password(args) -> str:
+    """From --password-file (never the command line, which `ps` and shell history show), or typed twice."""
+    if args.password_file == "-":
+        return sys.stdin.readline().rstrip("\r\n")
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as file:
+            return file.readline().rstrip("\r\n")
+    password = getpass.getpass(f"password for {args.username}: ")
+    if getpass.getpass("the same again: ") != password:
+        sys.exit("the two passwords differ")
+    return password
 
 
 def adduser(args) -> None:
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
+    from django.db import IntegrityError
 
-    password = args.password or getpass.getpass(f"password for {args.username}: ")
-    get_user_model().objects.create_user(args.username, password=password, is_staff=args.staff,
-                                         is_superuser=args.staff)
-    print(f"created {'staff' if args.staff else 'rater'} {args.username}")
+    users = get_user_model()
+    if users.objects.filter(username=args.username).exists():
+        sys.exit(f"a user named {args.username!r} exists already")
+    password = read_password(args)
+    try:
+        validate_password(password, users(username=args.username))
+    except ValidationError as error:
+        sys.exit("password refused: " + " ".join(error.messages))
+    try:
+        users.objects.create_user(args.username, password=password, is_staff=args.staff or args.superuser,
+                                  is_superuser=args.superuser)
+    except IntegrityError:  # made by someone else since the check above
+        sys.exit(f"a user named {args.username!r} exists already")
+    role = "superuser" if args.superuser else "staff" if args.staff else "rater"
+    print(f"created {role} {args.username}")
 
 
 def invite(args) -> None:
+    from django.conf import settings
     from django.urls import reverse
 
     from .models import Invite
 
     token = Invite.objects.create(is_staff=args.staff).token
-    print(args.base_url.rstrip("/") + reverse("accept_invite", args=[token]))
+    base_url = args.base_url or settings.FEEDBACK_ORIGIN or "http://127.0.0.1:8000"
+    print(base_url.rstrip("/") + reverse("accept_invite", args=[token]))
 
 
 def export(args) -> None:
@@ -140,6 +198,11 @@ def export(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.command == "serve":  # read by the settings module, which setup_django imports
+        if args.origin:
+            os.environ["PALM_RLHF_FEEDBACK_ORIGIN"] = args.origin
+        if args.behind_proxy:
+            os.environ["PALM_RLHF_FEEDBACK_PROXY"] = "1"
     setup_django(args.data_dir)
     if args.command == "manage":
         from django.core.management import execute_from_command_line

@@ -1,7 +1,9 @@
 from django.contrib import admin
 
 from .models import Answer, GenerationJob, Invite, Item, Prompt, Response
+from .throttle import AdminLoginForm
 
+admin.site.login_form = AdminLoginForm  # the admin's own login page is throttled like the app's
 admin.site.register([Prompt, Response, GenerationJob, Invite])
 
 

@@ -45,9 +45,18 @@ def write_jsonl(records, path) -> int:
     return len(lines)
 
 
+def numbered_lines(path):
+    """(line number, line) for each non-blank line. Lines end at "\n" only: str.splitlines would also
+    cut at U+2028, U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                yield number, line
+
+
 def _read(path, keys: set, check) -> list[dict]:
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in numbered_lines(path):
         record = json.loads(line)
         if set(record) != keys or not all(isinstance(record[k], str) for k in keys - {"rating"}) or not check(record):
             raise ValueError(f"{path}:{number}: not a valid record: {line[:120]}")

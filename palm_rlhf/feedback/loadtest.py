@@ -1,6 +1,7 @@
 """Load test: simulated raters submit against a real server on loopback, then every answer is counted.
 
     python -m palm_rlhf.feedback.loadtest --raters 50 --seconds 60
+    python -m palm_rlhf.feedback.loadtest --raters 8 --seconds 20 --flood 8   # during a login flood
 
 1. A fresh SQLite database in a temporary folder gets items (every rater may judge every item, so
    nobody runs out) and one account per rater.
@@ -8,7 +9,11 @@
 3. Each rater is a thread: log in through the form (before the clock starts), then submit as htmx does (POST with the CSRF
    header, the next card comes back in the answer), half of them rating, half comparing. Every
    `--resend`th answer is sent twice, as a double click would; the second must get 409.
-4. When time is up the server stops and the database is compared with the client's log: every
+4. With `--flood N`, N more threads send wrong-password logins for one rater's account as fast as
+   they can through the second half of the time, at most `--flood-attempts` in all. The raters'
+   latencies in the calm first half and in the flooded second half then show whether password
+   hashing under attack slows their answers (it must not: see throttle.py).
+5. When time is up the server stops and the database is compared with the client's log: every
    answer the server acknowledged must be there once, with its value, and nothing else.
 Requests go only to 127.0.0.1 and stop at the deadline.
 """
@@ -44,7 +49,7 @@ class Rater:
         self.password = password
         self.acked: list[tuple[int, str]] = []  # (item id, value) answered with 200
         self.counts = {"submitted": 0, "ok": 0, "resent": 0, "resend_409": 0, "resend_accepted": 0, "errors": 0}
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (when sent, seconds to answer)
 
     def csrf(self) -> str:
         return next(c.value for c in self.jar if c.name == "csrftoken")
@@ -52,20 +57,24 @@ class Rater:
     def request(self, path: str, data: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
         body = urllib.parse.urlencode(data).encode() if data is not None else None
         request = urllib.request.Request(self.base + path, data=body, headers=headers or {})
-        start = time.perf_counter()
+        start = time.monotonic()
         try:
             with self.opener.open(request, timeout=60) as response:
                 status, text = response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             status, text = error.code, error.read().decode()
-        self.latencies.append(time.perf_counter() - start)
+        self.latencies.append((start, time.monotonic() - start))
         return status, text
 
     def log_in(self) -> str:
         with LOGINS:
             self.request("/login/")
-            self.request("/login/", {"username": self.name, "password": self.password,
-                                     "csrfmiddlewaretoken": self.csrf()})
+            for _ in range(100):  # 429: the server is hashing as many passwords as it allows at once
+                status, _ = self.request("/login/", {"username": self.name, "password": self.password,
+                                                     "csrfmiddlewaretoken": self.csrf()})
+                if status != 429:
+                    break
+                time.sleep(random.uniform(0.05, 0.3))
         status, page = self.request(f"/{self.kind}/")
         if status != 200 or "Log out" not in page:
             raise RuntimeError(f"{self.name} could not log in (status {status})")
@@ -95,6 +104,19 @@ class Rater:
                 self.counts["resend_409" if status == 409 else "resend_accepted"] += 1
 
 
+def flood(base: str, username: str, begin: float, deadline: float, budget) -> dict:
+    """Wrong-password logins for one account from `begin` to the deadline or until the shared `budget` runs out."""
+    attacker = Rater(base, username, "not-the-password", "rate")
+    attacker.request("/login/")
+    time.sleep(max(0.0, begin - time.monotonic()))
+    statuses = {"checked": 0, "refused": 0}  # checked: the password was hashed; refused: 429, before hashing
+    while time.monotonic() < deadline and next(budget, None) is not None:  # next() on a range is atomic
+        status, _ = attacker.request("/login/", {"username": username, "password": attacker.password,
+                                                 "csrfmiddlewaretoken": attacker.csrf()})
+        statuses["refused" if status == 429 else "checked"] += 1
+    return statuses
+
+
 def prepare(data_dir: Path, raters: int, prompts: int) -> str:
     """Items and accounts in a fresh database; returns the raters' shared password."""
     from django.contrib.auth import get_user_model
@@ -119,14 +141,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, threads: int, *options: str) -> subprocess.Popen:
+    """`serve` on 127.0.0.1 in a subprocess, with more `options` if given, once it answers."""
     command = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(data_dir), "serve",
-               "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads)]
+               "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), *options]
     # the server's log goes to a file: a pipe nobody reads fills up and blocks the server
     log = open(data_dir / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     log.close()  # the server holds its own copy
-    for _ in range(300):
+    deadline = time.monotonic() + 120  # importing torch alone can take a minute on a busy machine
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=1)
             return server
@@ -135,7 +159,7 @@ def start_server(data_dir: Path, port: int, threads: int) -> subprocess.Popen:
                 raise RuntimeError(f"server did not start: {(data_dir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.1)
     server.kill()
-    raise RuntimeError("server did not answer within 30 s")
+    raise RuntimeError("server did not answer within 120 s")
 
 
 def check(raters: list[Rater]) -> dict:
@@ -152,17 +176,26 @@ def check(raters: list[Rater]) -> dict:
             "duplicate_rows": duplicates}
 
 
-def summarise(raters: list[Rater], seconds: float, db: dict) -> dict:
+def percentiles(name: str, latencies: list[float], which=(50, 90, 99)) -> dict:
+    latencies = sorted(latencies)
+    return {f"{name}_ms_p{p}": round(1000 * latencies[len(latencies) * p // 100], 1) for p in which}
+
+
+def summarise(raters: list[Rater], seconds: float, db: dict, floods: list[dict], flood_began: float) -> dict:
     totals = {key: sum(r.counts[key] for r in raters) for key in raters[0].counts}
-    latencies = sorted(x for r in raters for x in r.latencies)
+    latencies = [(sent, x) for r in raters for sent, x in r.latencies]
     requests = len(latencies)
-    return {
+    result = {
         "raters": len(raters), "seconds": round(seconds, 1), **totals, **db,
         "requests": requests, "requests_per_s": round(requests / seconds, 1),
         "answers_per_s": round(totals["ok"] / seconds, 1),
-        "latency_ms_p50": round(1000 * latencies[requests // 2], 1),
-        "latency_ms_p99": round(1000 * latencies[int(requests * 0.99)], 1),
+        **percentiles("latency", [x for _, x in latencies]),
     }
+    if floods:
+        result.update({f"flood_{key}": sum(f[key] for f in floods) for key in ("checked", "refused")})
+        result.update(percentiles("calm", [x for sent, x in latencies if sent < flood_began], which=(50, 90)))
+        result.update(percentiles("flooded", [x for sent, x in latencies if sent >= flood_began], which=(50, 90)))
+    return result
 
 
 def in_threads(functions: list) -> list:
@@ -180,7 +213,8 @@ def in_threads(functions: list) -> list:
     return results
 
 
-def run(raters: int = 50, seconds: float = 60, threads: int = 8, prompts: int = 400, resend: int = 10) -> dict:
+def run(raters: int = 50, seconds: float = 60, threads: int = 8, prompts: int = 400, resend: int = 10,
+        floods: int = 0, flood_attempts: int = 2000) -> dict:
     from .__main__ import migrate, setup_django
 
     with tempfile.TemporaryDirectory(prefix="feedback-load-") as folder:
@@ -197,12 +231,15 @@ def run(raters: int = 50, seconds: float = 60, threads: int = 8, prompts: int = 
             # starts: the minute measures submitting answers
             pages = in_threads([p.log_in for p in people])
             start = time.monotonic()
-            in_threads([lambda p=p, page=page: p.run(page, start + seconds, resend) for p, page in zip(people, pages)])
+            flood_begins, budget = start + seconds / 2, iter(range(flood_attempts))
+            results = in_threads(
+                [lambda p=p, page=page: p.run(page, start + seconds, resend) for p, page in zip(people, pages)]
+                + [lambda: flood(people[0].base, people[0].name, flood_begins, start + seconds, budget)] * floods)
             elapsed = time.monotonic() - start
         finally:
             server.terminate()
             server.wait(timeout=30)
-        return summarise(people, elapsed, check(people))
+        return summarise(people, elapsed, check(people), results[raters:], flood_begins)
 
 
 def main(argv=None) -> None:
@@ -212,9 +249,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=8, help="server worker threads")
     parser.add_argument("--prompts", type=int, default=400, help="prompts x 3 responses make the items")
     parser.add_argument("--resend", type=int, default=10, help="send every Nth answer twice")
+    parser.add_argument("--flood", type=int, default=0, help="threads sending wrong-password logins, second half")
+    parser.add_argument("--flood-attempts", type=int, default=2000, help="wrong-password logins in all, at most")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
-    result = run(args.raters, args.seconds, args.threads, args.prompts, args.resend)
+    result = run(args.raters, args.seconds, args.threads, args.prompts, args.resend, args.flood, args.flood_attempts)
     print(json.dumps(result) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in result.items()))
     if result["lost"] or result["unexpected"] or result["duplicate_rows"] or result["resend_accepted"]:
         sys.exit("FAILED: the database does not match the acknowledged answers")

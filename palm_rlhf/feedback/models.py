@@ -4,6 +4,8 @@ An Answer row is made when an item is handed to a rater and filled in when they 
 constraint on (item, rater) is what guarantees that each rater sees each item once and can never
 leave two answers for it, whatever the web layer does.
 """
+import hashlib
+import json
 import secrets
 
 from django.conf import settings
@@ -17,10 +19,17 @@ class Prompt(models.Model):
         return self.text[:60]
 
 
+def content_key(prompt: str, response: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()
+
+
 class Response(models.Model):
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
     text = models.TextField()
     source = models.CharField(max_length=500, help_text="checkpoint folder or imported file")
+    # content_key(prompt, text): one row per response text, whichever file or checkpoint brings it;
+    # null only on copies made before the key existed
+    key = models.CharField(max_length=64, unique=True, null=True, editable=False)
 
     def __str__(self):
         return self.text[:60]

@@ -6,6 +6,12 @@
   default sqlite:///<PALM_RLHF_FEEDBACK_DIR>/db.sqlite3.
 - PALM_RLHF_FEEDBACK_SECRET_KEY: the secret key; otherwise one is made once and kept in the folder.
 - PALM_RLHF_FEEDBACK_HOSTS: comma-separated host names the server answers to.
+- PALM_RLHF_FEEDBACK_ORIGIN: the public address raters open, e.g. https://feedback.example.org
+  (`serve --origin`): trusted for CSRF, its host allowed; when https, cookies are Secure and HSTS is on.
+- PALM_RLHF_FEEDBACK_PROXY=1 (`serve --behind-proxy`): a reverse proxy that terminates TLS sits in
+  front and sets X-Forwarded-Proto and X-Forwarded-For; never set it when clients can reach the
+  server directly, as they could then claim to be on https or come from any address.
+- PALM_RLHF_FEEDBACK_LOGIN_SLOTS: how many logins may hash a password at once (default half the cores).
 - PALM_RLHF_FEEDBACK_DEBUG=1: Django's debug pages, never on a server others can reach.
 """
 import os
@@ -52,21 +58,48 @@ def database_from_url(url: str) -> dict:
     }
 
 
+def private_folder(path: Path) -> None:
+    """The data folder, 0700: it holds the secret key and the database (password hashes, sessions, invites)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 def secret_key() -> str:
     if "PALM_RLHF_FEEDBACK_SECRET_KEY" in os.environ:
         return os.environ["PALM_RLHF_FEEDBACK_SECRET_KEY"]
     # kept on disk so sessions and invite links survive a restart
     path = DATA_DIR / "secret_key"
     if not path.exists():
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
+        private_folder(DATA_DIR)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_urlsafe(50))
     return path.read_text().strip()
+
+
+def public_settings(origin: str, behind_proxy: bool, hosts: list[str]) -> dict:
+    """Settings for serving at a public origin, optionally behind a TLS-terminating reverse proxy."""
+    result = {"FEEDBACK_ORIGIN": "", "FEEDBACK_BEHIND_PROXY": behind_proxy, "ALLOWED_HOSTS": list(hosts)}
+    if behind_proxy:  # request.is_secure() then follows the proxy's scheme, as the CSRF origin check needs
+        result["SECURE_PROXY_SSL_HEADER"] = ("HTTP_X_FORWARDED_PROTO", "https")
+    if origin:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise ValueError(f"the public origin must look like https://feedback.example.org, not {origin!r}")
+        result["FEEDBACK_ORIGIN"] = f"{parts.scheme}://{parts.netloc}"
+        result["CSRF_TRUSTED_ORIGINS"] = [result["FEEDBACK_ORIGIN"]]
+        result["ALLOWED_HOSTS"].append(parts.hostname)
+        if parts.scheme == "https":
+            result.update(SESSION_COOKIE_SECURE=True, CSRF_COOKIE_SECURE=True, SECURE_HSTS_SECONDS=365 * 24 * 3600)
+    return result
 
 
 SECRET_KEY = secret_key()
 DEBUG = os.environ.get("PALM_RLHF_FEEDBACK_DEBUG") == "1"
-ALLOWED_HOSTS = os.environ.get("PALM_RLHF_FEEDBACK_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+globals().update(public_settings(
+    os.environ.get("PALM_RLHF_FEEDBACK_ORIGIN", ""),
+    behind_proxy=os.environ.get("PALM_RLHF_FEEDBACK_PROXY") == "1",
+    hosts=os.environ.get("PALM_RLHF_FEEDBACK_HOSTS", "localhost,127.0.0.1,[::1]").split(","),
+))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -120,6 +153,14 @@ STATIC_URL = "static/"
 USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en"
+
+# Failed logins (see throttle.py): per account, per client address, within one window of seconds.
+FEEDBACK_LOGIN_FAILURES = 10
+FEEDBACK_ADDRESS_FAILURES = 50
+FEEDBACK_LOGIN_WINDOW = 15 * 60
+FEEDBACK_LOGIN_SLOTS = int(os.environ.get("PALM_RLHF_FEEDBACK_LOGIN_SLOTS", max(1, (os.cpu_count() or 2) // 2)))
+# the failure counts live here: the server's own memory, shared by its threads
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # An item handed to a rater is held for them this long; after that an unanswered hand-out no
 # longer counts against the item's overlap, so a rater who walks away does not block it forever.

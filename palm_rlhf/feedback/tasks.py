@@ -1,23 +1,25 @@
 """Where items come from: responses imported from JSONL, or sampled from a checkpoint in the background.
 
 Every response becomes a rating item, and every pair of responses to the same prompt becomes a
-comparison item. Generation is resumable: a prompt that already has its samples from a checkpoint
-is skipped, so restarting `serve` with the same arguments carries on where it stopped.
+comparison item. A response is stored once per prompt and text (its content key), so importing a
+file again adds nothing and no comparison pits a response against its own copy. Generation is
+resumable: a prompt that already has its samples from a checkpoint is skipped, so restarting
+`serve` with the same arguments carries on where it stopped.
 """
 import itertools
 import json
 import random
 import threading
-from pathlib import Path
 
 from django.db import connection, transaction
 
-from .models import GenerationJob, Item, Prompt, Response
+from .export import numbered_lines
+from .models import GenerationJob, Item, Prompt, Response, content_key
 
 
 def read_prompts(path) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per non-empty line)."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.rstrip("\r\n") for _, line in numbered_lines(path)]
     if str(path).endswith(".jsonl"):
         return [json.loads(line)["prompt"] for line in lines]
     return lines
@@ -26,9 +28,7 @@ def read_prompts(path) -> list[str]:
 def read_responses(path) -> dict[str, list[str]]:
     """Responses grouped by prompt, from lines {"prompt", "response"} or {"prompt", "responses": [...]}."""
     grouped: dict[str, list[str]] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(path):
         record = json.loads(line)
         texts = record["responses"] if "responses" in record else [record.get("response")]
         if not isinstance(record.get("prompt"), str) or not all(isinstance(t, str) for t in texts):
@@ -39,10 +39,15 @@ def read_responses(path) -> dict[str, list[str]]:
 
 @transaction.atomic
 def add_responses(prompt_text: str, texts: list[str], source: str, num_bins: int = 5, overlap: int = 1) -> int:
-    """Store responses for a prompt and make their items; returns how many items were made."""
+    """Store the responses not stored already and make their items; returns how many items were made."""
     prompt = Prompt.objects.filter(text=prompt_text).first() or Prompt.objects.create(text=prompt_text)
     old = list(prompt.responses.all())
-    new = [Response.objects.create(prompt=prompt, text=text, source=source) for text in texts]
+    new = []
+    for text in dict.fromkeys(texts):  # a text given twice is one response
+        response, made = Response.objects.get_or_create(
+            key=content_key(prompt_text, text), defaults={"prompt": prompt, "text": text, "source": source})
+        if made:
+            new.append(response)
     items = [Item(kind=Item.RATE, prompt=prompt, first=r, num_bins=num_bins, overlap=overlap) for r in new]
     for a, b in itertools.combinations(old + new, 2):
         if b not in new:

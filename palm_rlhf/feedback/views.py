@@ -9,6 +9,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.db import IntegrityError, transaction
@@ -20,6 +21,7 @@ from django.views.decorators.http import require_POST
 
 from . import export, stats
 from .models import Answer, GenerationJob, Invite, Item, Prompt, Response
+from .throttle import LoginForm, refused
 
 PAGES = {Item.RATE: "rate", Item.COMPARE: "compare"}
 
@@ -95,6 +97,17 @@ def card_context(rater, kind: str) -> dict:
     return context
 
 
+class Login(auth_views.LoginView):
+    template_name = "feedback/login.html"
+    authentication_form = LoginForm
+
+    def form_invalid(self, form):
+        response = super().form_invalid(form)
+        if refused(form):
+            response.status_code = 429
+        return response
+
+
 @login_required
 def home(request):
     mine = Answer.objects.filter(rater=request.user, answered_at__isnull=False)
@@ -124,23 +137,41 @@ def parse_answer(item: Item, data) -> dict:
     return {"choice": choice}
 
 
+def next_card(request, kind: str, notice: str, status: int) -> HttpResponse:
+    """The rater's next card (a fragment for htmx, else the whole page) with a line saying why."""
+    template = "feedback/card.html" if request.headers.get("HX-Request") else "feedback/judge.html"
+    return render(request, template, {**card_context(request.user, kind), "notice": notice}, status=status)
+
+
 @login_required
 @require_POST
 def answer(request, item_id: int):
     given = Answer.objects.filter(item_id=item_id, rater=request.user).select_related("item").first()
     if given is None:
         return plain(f"Item {item_id} was not given to you.", 404)
+    item = given.item
     try:
-        values = parse_answer(given.item, request.POST)
+        values = parse_answer(item, request.POST)
     except ValueError as error:
         return plain(str(error), 400)
-    # one conditional UPDATE: of two submits racing for the same row, exactly one matches
-    saved = Answer.objects.filter(pk=given.pk, answered_at__isnull=True).update(answered_at=timezone.now(), **values)
-    if not saved:
-        return plain(f"You already answered item {item_id}; an answer cannot be changed.", 409)
+    with transaction.atomic():
+        # the item's row lock (SQLite: the IMMEDIATE write lock) serialises answers to one item, so the
+        # count below cannot change before the update: an item never gets more answers than its overlap
+        Item.objects.select_for_update().filter(pk=item.pk).first()
+        mine = Answer.objects.filter(pk=given.pk, answered_at__isnull=True)
+        if not mine.exists():
+            notice = f"You had already answered item #{item_id}; an answer cannot be changed."
+        elif item.answers.filter(answered_at__isnull=False).count() >= item.overlap:
+            mine.delete()  # the hand-out ran out and went to someone else, who answered first
+            notice = f"Item #{item_id} was answered by someone else after your hand-out ran out."
+        else:
+            mine.update(answered_at=timezone.now(), **values)
+            notice = ""
+    if notice:  # 409, with the next card: a retry after a lost response must not leave the rater stuck
+        return next_card(request, item.kind, notice + " Here is the next one.", status=409)
     if request.headers.get("HX-Request"):
-        return render(request, "feedback/card.html", card_context(request.user, given.item.kind))
-    return redirect(PAGES[given.item.kind])
+        return render(request, "feedback/card.html", card_context(request.user, item.kind))
+    return redirect(PAGES[item.kind])
 
 
 # ---- staff pages ----

@@ -128,3 +128,24 @@ def test_rate_and_compare_in_browser(page, live_server, rater, shot):
     page.click("text=Log out")
     page.goto(invite)
     shot("9_invite")
+
+
+def test_a_retried_answer_moves_on_in_browser(page, live_server, rater):
+    """An answer gets in but its response never reaches the page; clicking again moves on to the next card."""
+    add_responses("Name a colour.", ["red", "green"], source="test")  # two rating items
+    rater("ann")
+    log_in(page, live_server.url, "ann")
+    page.goto(live_server.url + "/rate/")
+    page.wait_for_load_state("load")
+    first = current_item(page)
+    token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+    sent = page.request.post(live_server.url + first, form={"rating": "2"},
+                             headers={"X-CSRFToken": token, "HX-Request": "true"})
+    assert sent.status == 200  # answered, behind the page's back: the page still shows that card
+    answer(page, lambda: page.click("#card button[value='5']"))  # 409, carrying the next card
+    expect(page.locator("#card .notice")).to_contain_text(f"already answered item #{first.split('/')[2]}")
+    expect(page.locator("#flash")).to_be_hidden()
+    page.click("h2")
+    answer(page, lambda: page.keyboard.press("4"))
+    expect(page.locator("#card")).to_contain_text("All done")
+    assert sorted(Answer.objects.filter(answered_at__isnull=False).values_list("rating", flat=True)) == [2, 4]

@@ -1,7 +1,7 @@
 """Export round trips: answers in the database -> JSONL -> the readers train_reward.py and DPO use."""
 import json
 import re
-import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +13,7 @@ pytest.importorskip("pytest_django", reason="the feedback tests need pytest-djan
 
 from palm_rlhf import data  # noqa: E402
 from palm_rlhf.feedback.export import pair_records, rating_records, read_pairs, read_ratings, write_jsonl  # noqa: E402
+from palm_rlhf.feedback.models import Item, Response  # noqa: E402
 from palm_rlhf.feedback.tasks import import_jsonl, read_prompts, read_responses  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +87,48 @@ def test_import_jsonl_both_shapes(tmp_path):
         read_responses(path)
 
 
+def test_import_twice_adds_nothing_and_never_pairs_a_response_with_itself(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "responses": ["one", "two", "one"]}) + "\n"
+                    + json.dumps({"prompt": "p", "response": "two"}) + "\n")
+    assert import_jsonl(path) == 2 + 1  # "one" and "two" rated, one pair
+    assert import_jsonl(path) == 0
+    (tmp_path / "more.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["two", "three"]}) + "\n")
+    assert import_jsonl(tmp_path / "more.jsonl") == 1 + 2  # only "three" is new: rated, and paired with both
+    assert sorted(Response.objects.values_list("text", flat=True)) == ["one", "three", "two"]
+    pairs = Item.objects.filter(kind=Item.COMPARE).values_list("first__text", "second__text")
+    assert sorted(tuple(sorted(pair)) for pair in pairs) == [("one", "three"), ("one", "two"), ("three", "two")]
+
+
+SEPARATORS = "line\u2028separator, paragraph\u2029separator, next line\u0085end"
+
+
+def test_jsonl_round_trips_unicode_line_separators(client_for, tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw; every reader must read them back."""
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"prompt": "p\u2028q", "responses": [SEPARATORS, "plain"]}, ensure_ascii=False) + "\n"
+        + json.dumps({"prompt": "second\u0085prompt", "response": "x\u2029y"}, ensure_ascii=False) + "\n",
+        encoding="utf-8")
+    assert read_responses(tmp_path / "in.jsonl") == {"p\u2028q": [SEPARATORS, "plain"], "second\u0085prompt": ["x\u2029y"]}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": SEPARATORS}, ensure_ascii=False) + "\n")
+    assert read_prompts(tmp_path / "prompts.jsonl") == [SEPARATORS]
+    import_jsonl(tmp_path / "in.jsonl")
+    ann = client_for("ann")
+    answer_all(ann, "/rate/", ["2"])
+    answer_all(ann, "/compare/", ["a"])
+    assert write_jsonl(rating_records(), tmp_path / "ratings.jsonl") == 3
+    assert write_jsonl(pair_records(), tmp_path / "pairs.jsonl") == 1
+    assert "\u2028" in (tmp_path / "ratings.jsonl").read_text(encoding="utf-8")  # raw, as the exporter writes it
+    ratings = read_ratings(tmp_path / "ratings.jsonl", num_bins=5)
+    assert sorted(r["response"] for r in ratings) == sorted([SEPARATORS, "plain", "x\u2029y"])
+    assert read_pairs(tmp_path / "pairs.jsonl")[0]["prompt"] == "p\u2028q"
+    assert data.read_ratings(tmp_path / "ratings.jsonl") == ratings
+    (tmp_path / "again.jsonl").write_text(  # the exporter's output, imported back: all known already
+        "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}, ensure_ascii=False) + "\n"
+                for r in ratings), encoding="utf-8")
+    assert import_jsonl(tmp_path / "again.jsonl") == 0
+
+
 def test_read_prompts(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond line\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a\\nb"}\n')
@@ -97,12 +140,16 @@ def test_cli_import_rate_export(tmp_path):
     """The command line against a real SQLite file: import, add a user, export."""
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["x", "y"]}) + "\n")
     cli = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(tmp_path / "data")]
-    run = lambda *args: subprocess.run([*cli, *args], cwd=REPO, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    run = lambda *args, input=None: subprocess.run(  # noqa: E731
+        [*cli, *args], cwd=REPO, input=input, capture_output=True, text=True, check=True).stdout
     assert "imported 3 items" in run("import", str(tmp_path / "in.jsonl"))
-    assert "created rater ann" in run("adduser", "ann", "--password", "a-long-pass-phrase")
+    assert "created rater ann" in run("adduser", "ann", "--password-file", "-", input="a-long-pass-phrase\n")
     assert "/invite/" in run("invite", "--base-url", "http://example.org")
     out = run("export", "--ratings", str(tmp_path / "r.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
-    assert "wrote 0 lines" in out and (tmp_path / "data" / "db.sqlite3").exists()
+    assert "wrote 0 lines" in out
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in (tmp_path / "data").iterdir()}
+    assert "db.sqlite3" in modes and set(modes.values()) == {"0o600"}  # password hashes, sessions, invites
+    assert oct(stat.S_IMODE((tmp_path / "data").stat().st_mode)) == "0o700"
 
 
 def test_export_trains_reward_model(client_for, make_items, tmp_path):

@@ -20,6 +20,11 @@ def shown_item(client, page="/rate/") -> int:
     return int(re.search(r'action="/answer/(\d+)/"', html).group(1))
 
 
+def item_in(html: str) -> int | None:
+    match = re.search(r'action="/answer/(\d+)/"', html)
+    return int(match.group(1)) if match else None
+
+
 def answered():
     return list(Answer.objects.filter(answered_at__isnull=False).values_list("item_id", "rater__username", "rating", "choice"))
 
@@ -82,6 +87,12 @@ def test_bad_choice_and_wrong_field_are_400(client_for, make_items):
     assert answered() == []
 
 
+@pytest.mark.parametrize("item_id", [2**63 - 1, 2**63, 2**64, 10**30])
+def test_ids_beyond_the_database_are_404(client_for, make_items, item_id):
+    make_items()
+    assert client_for("ann").post(f"/answer/{item_id}/", {"rating": "3"}).status_code == 404
+
+
 def test_unknown_or_unassigned_item_is_404(client_for, make_items):
     make_items()
     ann, bob = client_for("ann"), client_for("bob")
@@ -98,9 +109,24 @@ def test_duplicate_submit_is_409_and_keeps_first(client_for, make_items):
     item_id = shown_item(client)
     assert client.post(f"/answer/{item_id}/", {"rating": "2"}).status_code == 302
     response = client.post(f"/answer/{item_id}/", {"rating": "5"})
-    assert response.status_code == 409 and "already answered" in response.content.decode()
+    html = response.content.decode()
+    assert response.status_code == 409 and "already answered" in html
+    assert "<html" in html and item_in(html) not in (None, item_id)  # without htmx: the page, at the next card
     assert answered() == [(item_id, "ann", 2, "")]
-    assert Answer.objects.count() == 1  # the 409 did not hand out anything either
+
+
+def test_retry_after_a_lost_response_moves_on(client_for, make_items):
+    """The answer got in but its response was lost; the retry gets 409 and the next card to swap in."""
+    make_items()
+    client = client_for("ann")
+    first = shown_item(client)
+    lost = client.post(f"/answer/{first}/", {"rating": "3"}, HTTP_HX_REQUEST="true")
+    retry = client.post(f"/answer/{first}/", {"rating": "4"}, HTTP_HX_REQUEST="true")
+    html = retry.content.decode()
+    assert retry.status_code == 409 and "<html" not in html and html.lstrip().startswith('<section id="card"')
+    assert f"You had already answered item #{first}" in html
+    assert item_in(html) == item_in(lost.content.decode()) != first  # the card the lost response carried
+    assert answered() == [(first, "ann", 3, "")]
 
 
 def test_htmx_submit_returns_next_card_fragment(client_for, make_items):
@@ -141,6 +167,23 @@ def test_abandoned_hand_out_expires(client_for, make_items):
     ann, bob = client_for("ann"), client_for("bob")
     item_id = shown_item(ann)  # ann walks away without answering
     assert shown_item(bob) == item_id
+
+
+@override_settings(FEEDBACK_LEASE_SECONDS=0)
+@pytest.mark.parametrize("first", ["ann", "bob"])
+def test_expired_hand_out_never_pushes_an_item_past_its_overlap(client_for, make_items, first):
+    make_items(prompts=1, responses=1, overlap=1)
+    clients = {"ann": client_for("ann"), "bob": client_for("bob")}
+    item_id = shown_item(clients["ann"])
+    assert shown_item(clients["bob"]) == item_id  # ann's hand-out ran out, so bob is given the item too
+    second = "bob" if first == "ann" else "ann"
+    assert clients[first].post(f"/answer/{item_id}/", {"rating": "2"}, HTTP_HX_REQUEST="true").status_code == 200
+    late = clients[second].post(f"/answer/{item_id}/", {"rating": "5"}, HTTP_HX_REQUEST="true")
+    html = late.content.decode()
+    assert late.status_code == 409 and "answered by someone else" in html and "All done" in html
+    assert answered() == [(item_id, first, 2, "")]
+    assert Answer.objects.count() == 1  # the late rater's hand-out is gone, so nothing waits for them
+    assert "All done" in clients[second].get("/rate/").content.decode()
 
 
 def test_raters_cannot_see_each_others_answers(client_for, make_items):

@@ -9,7 +9,16 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
-// htmx leaves the page as it is on a 4xx/5xx answer; show the server's reason instead.
+// A 409 carries the next card (the answer was already in, e.g. a retry after a lost response):
+// swap it in like a 200, so the rater moves on instead of staying on the answered card.
+document.addEventListener("htmx:beforeSwap", (event) => {
+  if (event.detail.xhr.status === 409) {
+    event.detail.shouldSwap = true;
+    event.detail.isError = false;
+  }
+});
+
+// htmx leaves the page as it is on other 4xx/5xx answers; show the server's reason instead.
 document.addEventListener("htmx:responseError", (event) => {
   const flash = document.getElementById("flash");
   flash.textContent = event.detail.xhr.responseText || `Error ${event.detail.xhr.status}`;

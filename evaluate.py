@@ -1,0 +1,296 @@
+"""One evaluation for every method: the sentiment-vs-KL frontier on held-out prompts.
+
+    python evaluate.py                                            # the LM and best-of-N only
+    python evaluate.py --policies ppo=runs/ppo/final,grpo=runs/grpo/final,dpo@0.1=runs/dpo/final
+
+Every policy answers the same `--num_prompts` held-out prompts (the last ones of the `prompts` split,
+which the training scripts keep out of RL) with `--samples` responses each, sampled at temperature
+`--temperature` from a fixed seed. For each policy, with standard errors over prompts:
+
+- VADER: the mean VADER compound of the responses, a judge no model here was trained on, and the
+  win rate against the LM's responses to the same prompts (sample j against the LM's sample j;
+  ties count half);
+- RM: the reward model's score (it was trained on human ratings, and RL optimises it);
+- KL(policy || LM) per response, estimated on the policy's own samples: sum_t log pi - log pi_LM;
+  for best-of-N, the analytic bound log N - (N - 1) / N (Stiennon et al. 2020, appendix G.3);
+- fluency: the LM's bits per byte on the responses; diversity: distinct-2 (unique word bigrams over
+  all bigrams); the share of responses that end with EOS; the mean length in bytes.
+
+Best-of-N is computed from `max(best_of)` LM samples per prompt, cut into disjoint groups of N, each
+group giving one pick: picked by the reward model (what RL can reach by optimising it) and by VADER
+itself (what the LM's samples hold: the ceiling for a perfect reward model). A name `method@label`
+(e.g. `dpo@0.1`) puts several policies on one curve. Writes out_dir/frontier.csv and frontier.png.
+"""
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from palm_rlhf import PaLM
+from palm_rlhf.data import review_prompts, vader_compound
+from palm_rlhf.dpo import pack_sequences, sequence_log_probs
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.tokenizer import EOS_ID, ByteTokenizer
+from palm_rlhf.training import parse_config, set_seed
+
+METRICS = ("vader", "win_rate", "rm_score", "kl", "bits_per_byte", "distinct_2", "eos_rate", "length")
+
+
+@dataclass
+class EvaluateConfig:
+    """Measure policies and best-of-N on held-out prompts: VADER, win rate, RM score, KL to the LM, fluency, diversity."""
+
+    policies: str = field(default="", metadata={"help": "comma-separated name=checkpoint (PaLM.from_pretrained folders); name method@label groups a curve"})
+    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "the LM: reference of the KL, fluency and win rate"})
+    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "the reward model that scores responses and picks best-of-N"})
+    num_prompts: int = field(default=256, metadata={"help": "held-out prompts: the last ones of the prompts split"})
+    samples: int = field(default=4, metadata={"help": "responses per prompt and policy"})
+    best_of: str = field(default="1,2,4,8,16,32,64", metadata={"help": "N of best-of-N from the LM's samples (empty: none)"})
+    prompt_words: int = field(default=4, metadata={"help": "words of each held-out snippet used as its prompt"})
+    max_seq_len: int = field(default=128, metadata={"help": "prompt + response bytes, as in training"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every policy"})
+    batch_size: int = field(default=256, metadata={"help": "sequences per generation or scoring batch"})
+    out_dir: str = field(default="runs/eval", metadata={"help": "where frontier.csv and frontier.png go"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the statistics
+
+
+def mean_and_se(per_prompt: np.ndarray) -> tuple:
+    """(P, k) values, k responses of each of P prompts -> (mean, standard error over prompts). Responses
+    to one prompt are not independent, so the prompt is the unit of the standard error."""
+    prompt_means = per_prompt.reshape(per_prompt.shape[0], -1).mean(axis=1)
+    se = prompt_means.std(ddof=1) / math.sqrt(len(prompt_means)) if len(prompt_means) > 1 else float("nan")
+    return float(prompt_means.mean()), float(se)
+
+
+def win_rate(scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """1 where a response beats the baseline response it is paired with, 0.5 on a tie, else 0."""
+    return (scores > baseline) + 0.5 * (scores == baseline)
+
+
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL(best-of-N || base) bound, log N - (N - 1) / N (Stiennon et al. 2020, G.3)."""
+    return math.log(n) - (n - 1) / n
+
+
+def distinct_n(texts: list, n: int = 2) -> float:
+    """Unique word n-grams over all word n-grams of `texts` (Li et al. 2016); 0 if there are none."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def best_of_n_index(scores: np.ndarray, n: int) -> np.ndarray:
+    """scores (P, K) of K samples per prompt -> (P, K // n) indices of the best of each disjoint group of n."""
+    groups = scores[:, : scores.shape[1] // n * n].reshape(scores.shape[0], -1, n)
+    return groups.argmax(axis=2) + np.arange(groups.shape[1])[None, :] * n
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling and scoring
+
+
+@torch.no_grad()
+def sample_responses(palm: PaLM, heads: list, num_samples: int, cfg, seed: int) -> list:
+    """`num_samples` responses to each prompt (token lists, EOS kept where reached), prompt-major:
+    responses[i * num_samples + j] is sample j of prompt i."""
+    generator = torch.Generator(palm.device).manual_seed(seed)
+    repeated = [torch.tensor(h) for h in heads for _ in range(num_samples)]
+    responses = []
+    for start in tqdm(range(0, len(repeated), cfg.batch_size), desc="sampling", leave=False):
+        batch = repeated[start : start + cfg.batch_size]
+        seq_len = max(len(p) for p in batch) + cfg.max_seq_len - min(len(p) for p in batch)
+        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=EOS_ID, generator=generator)
+        for prompt, row in zip(batch, tokens.tolist()):  # every prompt gets max_seq_len - len(prompt) new tokens
+            row = row[: cfg.max_seq_len - len(prompt)]
+            responses.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
+    return responses
+
+
+@torch.no_grad()
+def response_log_probs(palm: PaLM, heads: list, tails: list, batch_size: int) -> np.ndarray:
+    """Summed log-prob of each tail given its head under `palm` at temperature 1: (len(tails),)."""
+    out = []
+    for start in range(0, len(tails), batch_size):
+        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + batch_size], tails[start : start + batch_size]))
+        out.append(sequence_log_probs(palm, seq, mask, response_mask).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def reward_scores(reward_model: RewardModel, heads: list, tails: list, batch_size: int) -> np.ndarray:
+    """The reward model's score of each (prompt, response), as RL computes it: (len(tails),)."""
+    out = []
+    for start in range(0, len(tails), batch_size):
+        h, t = heads[start : start + batch_size], tails[start : start + batch_size]
+        seq, mask, response_mask = (x.to(reward_model.palm.device) for x in pack_sequences(h, t))
+        out.append(reward_model.score(seq, prompt_mask=mask & ~response_mask, mask=mask).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def response_texts(tails: list) -> list:
+    tokenizer = ByteTokenizer()
+    return [tokenizer.decode(t) for t in tails]
+
+
+# ---------------------------------------------------------------------------------------------------
+# one row per policy
+
+
+def summarize(name: str, per_response: dict, kl: float | None = None) -> dict:
+    """Mean and standard error of each per-response metric, each a (P, k) array."""
+    row = dict(name=name)
+    for key in METRICS:
+        if key in per_response:
+            row[key], row[f"{key}_se"] = mean_and_se(per_response[key])
+    if kl is not None:
+        row["kl"], row["kl_se"] = kl, 0.0
+    return row
+
+
+def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: RewardModel, cfg,
+            baseline_vader: np.ndarray | None = None, policy: PaLM | None = None) -> dict:
+    """Per-response metrics (P, k) of `tails` (prompt-major, k per prompt); the win rate needs the
+    baseline's VADER (P, k), the KL the policy that sampled `tails`."""
+    shape = (len(heads), num_samples)
+    repeated_heads = [h for h in heads for _ in range(num_samples)]
+    texts = response_texts(tails)
+    lm_log_probs = response_log_probs(lm, repeated_heads, tails, cfg.batch_size)
+    num_bytes = np.array([max(1, len(t)) for t in tails], dtype=np.float64)
+    per_response = dict(
+        vader=np.array(vader_compound(texts)).reshape(shape),
+        rm_score=reward_scores(reward_model, repeated_heads, tails, cfg.batch_size).reshape(shape),
+        bits_per_byte=(-lm_log_probs / num_bytes / math.log(2)).reshape(shape),
+        eos_rate=np.array([float(bool(t) and t[-1] == EOS_ID) for t in tails]).reshape(shape),
+        length=np.array([len(t) - (bool(t) and t[-1] == EOS_ID) for t in tails], dtype=np.float64).reshape(shape),
+    )
+    if baseline_vader is not None:
+        per_response["win_rate"] = win_rate(per_response["vader"], baseline_vader)
+    if policy is not None:
+        per_response["kl"] = (response_log_probs(policy, repeated_heads, tails, cfg.batch_size) - lm_log_probs).reshape(shape)
+    per_response["distinct_2"] = np.full(shape, distinct_n(texts))
+    return per_response
+
+
+def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray) -> list:
+    """Rows for best-of-N picked by the reward model and by VADER from a pool of the LM's samples
+    (P, K); each pick's win rate is against the independent LM responses `lm_vader` (P, k)."""
+    rows = []
+    texts = np.array(response_texts(pool_tails), dtype=object).reshape(per_response["vader"].shape)
+    for picker in ("rm_score", "vader"):
+        for n in best_of:
+            index = best_of_n_index(per_response[picker], n)  # (P, K // n)
+            picked = {key: np.take_along_axis(value, index, axis=1) for key, value in per_response.items() if key != "distinct_2"}
+            baseline = lm_vader[:, np.arange(index.shape[1]) % lm_vader.shape[1]]  # pick g against LM response g mod k
+            picked["win_rate"] = win_rate(picked["vader"], baseline)
+            picked["distinct_2"] = np.full(index.shape, distinct_n(list(np.take_along_axis(texts, index, axis=1).ravel())))
+            label = "rm" if picker == "rm_score" else "vader"
+            rows.append(dict(summarize(f"best-of-{n} ({label})", picked, kl=best_of_n_kl(n)), method=f"best-of-N ({label})", n=n))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+
+
+def write_csv(rows: list, path: Path) -> None:
+    columns = ["name", "method"] + [c for key in METRICS for c in (key, f"{key}_se")]
+    with open(path, "w") as file:
+        file.write(",".join(columns) + "\n")
+        for row in rows:
+            file.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
+
+
+def print_table(rows: list) -> None:
+    print(f"\n| {'policy':22} | {'VADER':>15} | {'win vs LM':>13} | {'RM score':>15} | {'KL nats':>12} | {'bits/byte':>9} | {'distinct-2':>10} | {'EOS':>5} | {'length':>6} |")
+    print("|" + "|".join("-" * w for w in (24, 17, 15, 17, 14, 11, 12, 7, 8)) + "|")
+    for r in rows:
+        print(f"| {r['name']:22} | {r['vader']:+.3f} +- {r['vader_se']:.3f} | {r['win_rate']:.3f} +- {r['win_rate_se']:.3f} "
+              f"| {r['rm_score']:+.3f} +- {r['rm_score_se']:.3f} | {r['kl']:6.2f} +- {r['kl_se']:.2f} | {r['bits_per_byte']:9.3f} "
+              f"| {r['distinct_2']:10.3f} | {r['eos_rate']:5.2f} | {r['length']:6.1f} |")
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for axis, key, title in ((axes[0], "vader", "VADER compound (the judge)"), (axes[1], "rm_score", "reward-model score (optimised)")):
+        for method in methods:
+            points = sorted((r["kl"], r[key], r[f"{key}_se"], r["name"]) for r in rows if r["method"] == method)
+            kls, values, errors, names = zip(*points)
+            axis.errorbar(kls, values, yerr=errors, marker="o", capsize=3, label=method)
+        axis.set_xlabel("KL(policy || LM), nats per response")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def parse_policies(text: str) -> list:
+    """'a=path,b@0.1=path' -> [(name, method, path)]."""
+    policies = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--policies: {item!r} is not name=checkpoint")
+        policies.append((name, name.split("@")[0], path))
+    return policies
+
+
+def evaluate(cfg: EvaluateConfig) -> list:
+    policies = parse_policies(cfg.policies)
+    best_of = sorted({int(n) for n in cfg.best_of.split(",") if n.strip()})
+    for name, path in [("lm_checkpoint", cfg.lm_checkpoint), ("reward_checkpoint", cfg.reward_checkpoint)] + [(n, p) for n, _, p in policies]:
+        if not Path(path).is_dir():
+            raise SystemExit(f"{name}: no checkpoint folder at {path}")
+    texts = review_prompts(cfg.prompt_words)
+    if cfg.num_prompts > len(texts) or cfg.samples < 1:
+        raise SystemExit(f"--num_prompts must be at most {len(texts)} and --samples at least 1")
+    set_seed(cfg.seed)
+    tokenizer = ByteTokenizer()
+    heads = [[EOS_ID] + tokenizer.encode(t).tolist() for t in texts[-cfg.num_prompts :]]
+    lm = PaLM.from_pretrained(cfg.lm_checkpoint).eval()
+    reward_model = RewardModel.from_pretrained(cfg.reward_checkpoint).eval()
+
+    # the LM's responses, the baseline of every win rate, and an independent pool for best-of-N (and
+    # for the LM's own win rate, which is then 0.5 up to noise)
+    lm_tails = sample_responses(lm, heads, cfg.samples, cfg, cfg.seed + 1)
+    pool_k = max([2 * cfg.samples, *best_of])
+    pool_tails = sample_responses(lm, heads, pool_k, cfg, cfg.seed)
+    pool = measure(heads, pool_tails, pool_k, lm, reward_model, cfg)
+    lm_metrics = measure(heads, lm_tails, cfg.samples, lm, reward_model, cfg, baseline_vader=pool["vader"][:, : cfg.samples])
+    lm_vader = lm_metrics["vader"]
+    rows = [dict(summarize("LM", lm_metrics, kl=0.0), method="LM")]
+    rows += best_of_n_rows(pool_tails, pool, best_of, lm_vader)
+    for name, method, path in policies:
+        policy = PaLM.from_pretrained(path).eval()
+        tails = sample_responses(policy, heads, cfg.samples, cfg, cfg.seed + 1)
+        per_response = measure(heads, tails, cfg.samples, lm, reward_model, cfg, baseline_vader=lm_vader, policy=policy)
+        rows.append(dict(summarize(name, per_response), method=method))
+        print(f"{name}: VADER {rows[-1]['vader']:+.3f}, KL {rows[-1]['kl']:.2f}; e.g. {texts[-cfg.num_prompts] + response_texts(tails[:1])[0]!r}")
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "frontier.csv")
+    plot(rows, out_dir / "frontier.png")
+    print(f"\n{len(heads)} held-out prompts; {cfg.samples} responses each per policy; best-of-N from {pool_k} LM samples per prompt; "
+          f"+- one standard error over prompts")
+    print_table(rows)
+    print(f"\n{out_dir / 'frontier.csv'}, {out_dir / 'frontier.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    evaluate(parse_config(EvaluateConfig, sys.argv[1:]))

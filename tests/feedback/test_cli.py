@@ -1,0 +1,103 @@
+"""The command line: adduser's password handling and roles, item options refused, a private database."""
+import getpass
+import io
+import os
+import sqlite3
+import stat
+import sys
+
+import pytest
+
+pytest.importorskip("django", reason="the feedback app needs: pip install 'palm-rlhf[feedback]'")
+pytest.importorskip("pytest_django", reason="the feedback tests need pytest-django")
+
+from palm_rlhf.feedback import __main__ as cli  # noqa: E402
+from palm_rlhf.feedback.apps import private_sqlite_file  # noqa: E402
+from palm_rlhf.feedback.settings import private_folder  # noqa: E402
+
+GOOD = "a-long-pass-phrase"
+
+
+def adduser(monkeypatch, *argv, stdin=""):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    cli.adduser(cli.parse_args(["adduser", *argv]))
+
+
+def exit_message(call) -> str:
+    with pytest.raises(SystemExit) as exit:
+        call()
+    return exit.value.code
+
+
+@pytest.mark.django_db
+def test_adduser_asks_twice_without_echo(monkeypatch, django_user_model, capsys):
+    prompts, typed = [], iter([GOOD, GOOD, GOOD, "a-different-pass-phrase"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: prompts.append(prompt) or next(typed))
+    cli.adduser(cli.parse_args(["adduser", "ann"]))
+    assert prompts == ["password for ann: ", "the same again: "] and "created rater ann" in capsys.readouterr().out
+    assert exit_message(lambda: cli.adduser(cli.parse_args(["adduser", "bob"]))) == "the two passwords differ"
+    assert list(django_user_model.objects.values_list("username", flat=True)) == ["ann"]
+
+
+def test_a_password_is_never_an_argument():
+    """Arguments show in `ps` and shell history; and no abbreviation of --password-file may stand in."""
+    for flag in ("--password", "--password-f"):
+        assert exit_message(lambda: cli.parse_args(["adduser", "ann", flag, GOOD])) == 2  # argparse's usage error
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("password", ["1", "password", "ann-the-rater", "48213975620"])
+def test_adduser_runs_the_password_validators(monkeypatch, django_user_model, password):
+    message = exit_message(lambda: adduser(monkeypatch, "ann-the-rater", "--password-file", "-", stdin=password))
+    assert message.startswith("password refused: ") and "\n" not in message
+    assert not django_user_model.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("flags,staff,superuser", [([], False, False), (["--staff"], True, False),
+                                                   (["--superuser"], True, True)])
+def test_adduser_keeps_staff_and_superuser_apart(monkeypatch, django_user_model, flags, staff, superuser):
+    adduser(monkeypatch, "ann", "--password-file", "-", *flags, stdin=GOOD + "\n")
+    user = django_user_model.objects.get(username="ann")
+    assert (user.is_staff, user.is_superuser) == (staff, superuser)
+
+
+@pytest.mark.django_db
+def test_adduser_reads_a_password_file_and_refuses_a_duplicate(monkeypatch, django_user_model, tmp_path):
+    (tmp_path / "pw").write_text(GOOD + "\nsecond line ignored\n")
+    adduser(monkeypatch, "ann", "--password-file", str(tmp_path / "pw"))
+    assert django_user_model.objects.get(username="ann").check_password(GOOD)
+    message = exit_message(lambda: adduser(monkeypatch, "ann", "--password-file", "-", stdin=GOOD))
+    assert message == "a user named 'ann' exists already"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["import", "in.jsonl", "--num-bins", "0"], "--num-bins must be 2 or more, not 0"),
+    (["import", "in.jsonl", "--num-bins", "-1"], "--num-bins must be 2 or more, not -1"),
+    (["serve", "--num-bins", "1"], "--num-bins must be 2 or more, not 1"),
+    (["generate", "--overlap", "0"], "--overlap must be 1 or more, not 0"),
+    (["import", "in.jsonl", "--overlap", "-3"], "--overlap must be 1 or more, not -3"),
+])
+def test_bad_item_options_are_refused_in_one_line(argv, message):
+    assert exit_message(lambda: cli.parse_args(argv)) == message
+
+
+def test_database_and_its_wal_files_are_private(tmp_path):
+    old_umask = os.umask(0o022)  # the usual one, under which files come out world-readable
+    try:
+        data = tmp_path / "data"
+        data.mkdir(mode=0o755)
+        (data / "old.sqlite3").write_text("")  # a database from before: made private too
+        private_folder(data)
+        for name in ("db.sqlite3", "old.sqlite3"):
+            private_sqlite_file(str(data / name))
+        connection = sqlite3.connect(data / "db.sqlite3")
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE t (x)")
+        connection.commit()
+        modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in data.iterdir()}
+        connection.close()
+    finally:
+        os.umask(old_umask)
+    assert modes == {name: "0o600" for name in ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "old.sqlite3")}
+    assert oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"

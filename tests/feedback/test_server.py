@@ -1,0 +1,76 @@
+"""The real server (waitress, in a subprocess, on 127.0.0.1 only): HTTPS behind a reverse proxy, and
+raters' answers during a flood of wrong-password logins (slow: run with -m slow)."""
+import http.client
+import json
+import stat
+import subprocess
+import sys
+from http.cookies import SimpleCookie
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+pytest.importorskip("django", reason="the feedback app needs: pip install 'palm-rlhf[feedback]'")
+pytest.importorskip("waitress", reason="the server is waitress: pip install 'palm-rlhf[feedback]'")
+
+from palm_rlhf.feedback.loadtest import free_port, start_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PUBLIC = "https://feedback.example.org"
+
+
+def request(port: int, method: str, path: str, headers: dict, body: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    if body is not None:
+        headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+    connection.request(method, path, body=urlencode(body) if body is not None else None, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response.status, response.headers
+
+
+def test_https_behind_a_proxy_end_to_end(tmp_path):
+    """What nginx sends on (see the README), to `serve --origin https://... --behind-proxy`."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(data), "adduser", "ann",
+                    "--password-file", "-"], input="a-long-pass-phrase\n", cwd=REPO, check=True, capture_output=True,
+                   text=True)
+    port = free_port()
+    server = start_server(data, port, 4, "--origin", PUBLIC, "--behind-proxy")
+    try:
+        proxied = {"Host": "feedback.example.org", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+        status, headers = request(port, "GET", "/login/", proxied)
+        assert status == 200 and headers["Strict-Transport-Security"] == "max-age=31536000"
+        cookies = SimpleCookie()
+        for line in headers.get_all("Set-Cookie"):
+            cookies.load(line)
+        assert cookies["csrftoken"]["secure"]
+        form = {"username": "ann", "password": "a-long-pass-phrase", "csrfmiddlewaretoken": cookies["csrftoken"].value}
+        status, headers = request(port, "POST", "/login/", {**proxied, "Origin": PUBLIC,
+                                                             "Cookie": f"csrftoken={cookies['csrftoken'].value}"}, form)
+        assert status == 302 and headers["Location"] == "/"
+        assert "; Secure" in next(line for line in headers.get_all("Set-Cookie") if line.startswith("sessionid="))
+        # while the server runs, SQLite's -wal and -shm exist beside the database, private like it
+        modes = {name: oct(stat.S_IMODE((data / name).stat().st_mode)) for name in ("db.sqlite3", "db.sqlite3-wal",
+                                                                                  "db.sqlite3-shm")}
+        assert set(modes.values()) == {"0o600"} and oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow  # timings: meaningful only on a machine that is not busy with other work
+def test_raters_stay_fast_during_a_login_flood():
+    """2 raters answer for 10 s; in the second half 8 threads send wrong-password logins (1,500 at most)."""
+    command = [sys.executable, "-m", "palm_rlhf.feedback.loadtest", "--raters", "2", "--seconds", "10",
+               "--prompts", "40", "--flood", "8", "--flood-attempts", "1500", "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["errors"] == figures["lost"] == figures["unexpected"] == 0 and figures["ok"] > 10
+    # one account: at most FEEDBACK_LOGIN_FAILURES passwords hashed, every other try refused before hashing
+    assert figures["flood_checked"] <= 10 and figures["flood_refused"] > 50
+    # unthrottled, hashing held the server's threads and cores: 74 ms calm, 2,460 ms flooded (p50)
+    assert figures["flooded_ms_p50"] < 4 * figures["calm_ms_p50"] + 100, figures
