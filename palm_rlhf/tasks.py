@@ -134,19 +134,21 @@ def mean_pass_at_k(correct: list[int], n: int, k: int) -> tuple[float, float]:
 def count_correct(palm: PaLM, problems: list[Problem], num_samples: int, temperature: float = 1.0,
                   max_new_tokens: int = 8, seed: int = 0, batch_size: int = 512, tokenizer=None,
                   finetune_scope: str | None = None) -> list[int]:
-    """Samples `num_samples` responses to each problem (seeded; temperature 0 is greedy) and
-    returns how many are correct, per problem."""
+    """Samples `num_samples` responses to each problem (seeded; temperature 0 is greedy), about
+    `batch_size` at a time, each prompt encoded once for its samples; returns how many are correct,
+    per problem."""
     tokenizer = tokenizer or ByteTokenizer()
     generator = torch.Generator(palm.device).manual_seed(seed)
-    prompts = [torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p.prompt)))
-               for p in problems for _ in range(num_samples)]
-    correct = [0] * len(problems)
-    for start in range(0, len(prompts), batch_size):
-        prompt, prompt_mask = left_pad(prompts[start : start + batch_size], palm.pad_id)
+    per_batch = max(1, batch_size // num_samples)  # problems per batch
+    correct = []
+    for start in range(0, len(problems), per_batch):
+        batch = problems[start : start + per_batch]
+        prompt, prompt_mask = left_pad([torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p.prompt)))
+                                        for p in batch], palm.pad_id)
         tokens = palm.generate(prompt.shape[1] + max_new_tokens, prompt=prompt.to(palm.device),
                                prompt_mask=prompt_mask.to(palm.device), temperature=temperature,
-                               eos_token=tokenizer.eos_id, generator=generator, finetune_scope=finetune_scope)
-        for i, row in enumerate(tokens.cpu(), start):
-            problem_index = i // num_samples
-            correct[problem_index] += score_answer(tokenizer.decode(row), problems[problem_index])
+                               eos_token=tokenizer.eos_id, generator=generator, finetune_scope=finetune_scope,
+                               num_samples_per_prompt=num_samples)
+        responses = tokens.cpu().view(len(batch), num_samples, -1)  # (problems, samples, new tokens)
+        correct += [sum(score_answer(tokenizer.decode(r), p) for r in rows) for p, rows in zip(batch, responses)]
     return correct

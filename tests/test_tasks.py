@@ -134,17 +134,18 @@ class Always85:
     def __init__(self):
         self.batch_sizes = []
 
-    def generate(self, seq_len, prompt, prompt_mask, temperature, eos_token, generator, finetune_scope):
-        self.batch_sizes.append(len(prompt))
+    def generate(self, seq_len, prompt, prompt_mask, temperature, eos_token, generator, finetune_scope,
+                 num_samples_per_prompt):
+        self.batch_sizes.append(len(prompt) * num_samples_per_prompt)
         answer = torch.tensor([*b"85", EOS_ID, PAD_ID])[: seq_len - prompt.shape[1]]
-        return answer.expand(len(prompt), -1)
+        return answer.expand(len(prompt) * num_samples_per_prompt, -1)
 
 
 def test_count_correct_counts_right_answers_per_problem_across_batches():
     palm = Always85()
-    correct = count_correct(palm, [addition(37, 48), addition(1, 2), addition(40, 45)], num_samples=3, batch_size=4)
+    correct = count_correct(palm, [addition(37, 48), addition(1, 2), addition(40, 45)], num_samples=3, batch_size=7)
     assert correct == [3, 0, 3]
-    assert palm.batch_sizes == [4, 4, 1]
+    assert palm.batch_sizes == [6, 3]  # two problems (6 samples) fit in 7, then the last
 
 
 def test_count_correct_on_a_real_model_is_seeded():
