@@ -131,7 +131,7 @@ def load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        metrics.log(step, sft_loss=loss)
+        metrics.log(step, sft_loss=loss.detach())
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.sft_steps:
             metrics.log(step, **curve_point(palm, curve_problems, cfg))
