@@ -86,6 +86,23 @@ def distinct_n(texts: list, n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of a 1-D array, tied values sharing the mean of their ranks (as Spearman's rho needs:
+    most VADER scores of the LM's samples are tied at 0)."""
+    ranks = np.empty(len(x))
+    ranks[x.argsort(kind="stable")] = np.arange(len(x))
+    _, tie_group, tie_count = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie_group, weights=ranks) / tie_count)[tie_group]
+
+
+def within_prompt_spearman(a: np.ndarray, b: np.ndarray) -> tuple:
+    """a, b (P, K): K responses to each of P prompts. Spearman's rho of a and b among the responses to one
+    prompt, averaged over the prompts where neither is constant -> (mean, standard error). This is what
+    best-of-N and group-relative RL see of a reward: how it orders responses to the same prompt."""
+    rhos = [np.corrcoef(average_ranks(x), average_ranks(y))[0, 1] for x, y in zip(a, b) if x.std() > 0 and y.std() > 0]
+    return mean_and_se(np.array(rhos)[:, None]) if rhos else (float("nan"), float("nan"))
+
+
 def best_of_n_index(scores: np.ndarray, n: int) -> np.ndarray:
     """scores (P, K) of K samples per prompt -> (P, K // n) indices of the best of each disjoint group of n."""
     groups = scores[:, : scores.shape[1] // n * n].reshape(scores.shape[0], -1, n)
@@ -288,6 +305,9 @@ def evaluate(cfg: EvaluateConfig) -> list:
     print(f"\n{len(heads)} held-out prompts; {cfg.samples} responses each per policy; best-of-N from {pool_k} LM samples per prompt; "
           f"+- one standard error over prompts")
     print_table(rows)
+    rho, rho_se = within_prompt_spearman(pool["rm_score"], pool["vader"])
+    print(f"\nthe reward model orders the LM's {pool_k} samples of a prompt as VADER does with Spearman rho "
+          f"{rho:+.3f} +- {rho_se:.3f} (1: the same order; 0: unrelated)")
     print(f"\n{out_dir / 'frontier.csv'}, {out_dir / 'frontier.png'}")
     return rows
 

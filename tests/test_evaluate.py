@@ -46,6 +46,22 @@ def test_best_of_n_picks_the_best_of_each_disjoint_group():
     np.testing.assert_array_equal(evaluate.best_of_n_index(scores, 4), [[1], [0]])  # the last 2 are left over
 
 
+def test_average_ranks_share_ties():
+    assert evaluate.average_ranks(np.array([0.0, 0.5, 0.0, -1.0, 0.0])).tolist() == [2.0, 4.0, 2.0, 0.0, 2.0]
+
+
+def test_within_prompt_spearman():
+    a = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    b = np.array([[0.1, 0.2, 0.3, 0.9], [0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3]])
+    mean, se = evaluate.within_prompt_spearman(a, b)
+    assert mean == pytest.approx(1.0) and math.isnan(se)  # only the first prompt has neither row constant
+    mean, se = evaluate.within_prompt_spearman(a[:2], -a[:2])
+    assert mean == pytest.approx(-1.0) and se == pytest.approx(0.0)
+    ties = np.array([[0.0, 0.0, 1.0, 2.0]])  # Spearman with tied ranks is Pearson of the average ranks
+    assert evaluate.within_prompt_spearman(np.array([[1.0, 2.0, 3.0, 4.0]]), ties)[0] == pytest.approx(
+        np.corrcoef([0, 1, 2, 3], [0.5, 0.5, 2, 3])[0, 1])
+
+
 def test_bad_policies_argument_is_refused():
     with pytest.raises(SystemExit, match="is not name=checkpoint"):
         evaluate.parse_policies("ppo:runs/ppo")
