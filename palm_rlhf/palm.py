@@ -554,7 +554,8 @@ class PaLM(nn.Module):
         """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
 
         prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or
-        (b, n) with `prompt_mask` marking its real tokens. temperature 0 is greedy.
+        (b, n) with `prompt_mask` marking its real tokens (right padding is moved to the left, which
+        is the prompt that `return_seq_without_prompt=False` returns). temperature 0 is greedy.
         `num_samples_per_prompt=G` draws G samples of each prompt, rows b * G, prompt i's in rows
         i * G .. i * G + G - 1; with the cache, each prompt is encoded once and its cache shared.
         Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
@@ -635,6 +636,10 @@ class PaLM(nn.Module):
             prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
         elif unbatched:
             prompt_mask = prompt_mask[None]
+        if not is_left_padded(prompt_mask):
+            # the next token is read at the last position, which must be real in every row:
+            # right (or inner) padding is moved to the left
+            prompt, prompt_mask = left_pad([row[keep] for row, keep in zip(prompt.cpu(), prompt_mask.cpu())], self.pad_id)
         return prompt.to(self.device), prompt_mask.to(self.device), unbatched
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -721,6 +726,11 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int):
     return out, mask
 
 
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """mask (b, n): True when no row has a False after a True (any padding is on the left)."""
+    return bool((mask.long().cummax(dim=1).values == mask.long()).all())
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Keeps the k most likely tokens and/or the smallest set whose probability reaches p
     (nucleus sampling, Holtzman et al. 2020); the rest get -inf."""
@@ -731,6 +741,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | N
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already >= p
+        drop_sorted[..., 0] = False  # the most likely token always stays, so top_p=0 is greedy, not empty
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

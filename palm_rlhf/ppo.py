@@ -32,6 +32,8 @@ Where this departs from InstructGPT / Ziegler et al.:
        score (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
     8. One optimizer (two parameter groups) steps on policy loss + vf_coef * value loss; actor and
        critic gradients are clipped separately.
+    9. Dropout is off in rollouts and updates alike (the PaLM keeps its rates for LM training), so
+       the first ratio is exactly 1 and the reference log-probs carry no dropout noise.
 """
 import copy
 import math
@@ -139,6 +141,13 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2):
 def explained_variance(values, returns, mask) -> torch.Tensor:
     """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def check_temperature(temperature: float):
+    """RL scores samples under softmax(logits / T): T = 0 (greedy) has no such policy to optimise."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for RL (the policy is softmax(logits / T)), got {temperature}; "
+                         "greedy decoding (temperature=0) is for generate only")
 
 
 def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -478,6 +487,7 @@ class RLHFTrainer(PolicyTrainer):
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
         """Steps 1-4 for a batch of prompts -> (Rollout, diagnostics)."""
+        check_temperature(temperature)
         self.actor_critic.eval()
         # 1. sample; log-probs recomputed by a forward pass so the first PPO ratio is exactly 1
         seq, mask, start = self.sample(prompts, max_seq_len, temperature)
@@ -506,7 +516,9 @@ class RLHFTrainer(PolicyTrainer):
 
     def learn(self, rollout: Rollout) -> dict:
         """Step 5: epochs x minibatches of PPO updates; returns the averaged losses and diagnostics."""
-        self.actor_critic.train()
+        # without dropout, as the rollout: the ratio must compare one function at two parameter
+        # settings, so that it is exactly 1 before the first step (TRL disables dropout likewise)
+        self.actor_critic.eval()
         unwrapped, totals, count = self.unwrapped, {}, 0
         for _ in range(self.epochs):
             for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
