@@ -232,7 +232,7 @@ class GRPOTrainer(PolicyTrainer):
                 ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
         # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
         scores = self.score(seq, mask, start)
-        ended = (seq[:, start:] == self.tokenizer.eos_id).any(dim=1)
+        ended = self.ended(seq, start)
         rewards = scores if self.missing_eos_penalty is None else scores - self.missing_eos_penalty * (~ended).float()
         groups = rewards.view(-1, self.group_size)  # (P, G)
         stats = dict(score=scores.mean(), response_length=resp_mask.sum(dim=1).float().mean(),
