@@ -23,6 +23,8 @@ How this departs from the papers:
 4. KTO's reference point z0 is estimated per batch from mismatched (prompt, response) pairs, as the
    paper's section 4.1 does; where every prompt is empty (plain review snippets) a mismatched pair
    is just another response of the batch, so the batch's own log-ratios give the estimate.
+5. Training runs without dropout (the PaLM keeps its rates for LM training): policy and reference
+   are then one function until the adapters move, and the loss starts at log 2.
 
 Sequences: [EOS] + prompt + response + [EOS], EOS doubling as begin-of-document; only response
 tokens (its closing EOS included) are scored.
@@ -327,7 +329,9 @@ class DPOTrainer:
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns the last micro-batch's metrics."""
-        self.model.train()
+        # without dropout: policy and reference must be one function while the adapters are zero,
+        # so the loss starts at that of pi = pi_ref (log 2 for DPO), as TRL's disable_dropout
+        self.model.eval()
         for micro in range(self.grad_accum):
             with self.accelerator.accumulate(self.model):
                 indices = self._batch_indices(self.step, micro)
@@ -389,7 +393,6 @@ class DPOTrainer:
             rewards = self.beta * (policy - self._held_out_reference(batch, seq, mask, response_mask))
             chosen.append(rewards[: len(batch)])
             rejected.append(rewards[len(batch) :])
-        self.model.train()
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         count = torch.tensor(float(len(chosen)), device=chosen.device)
         sums = torch.stack([preference_accuracy(chosen, rejected) * count, (chosen - rejected).sum(),

@@ -48,7 +48,9 @@ from beartype import beartype
 from torch import nn
 
 from palm_rlhf.palm import PaLM
-from palm_rlhf.ppo import Actor, PolicyTrainer, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean
+from palm_rlhf.ppo import (
+    Actor, PolicyTrainer, RolloutTensors, check_temperature, clipped_surrogate, kl_penalty, masked_mean,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # group-relative advantages: scores (P, G), P prompts x G samples of each -> advantages (P, G)
@@ -217,6 +219,7 @@ class GRPOTrainer(PolicyTrainer):
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
         """Steps 1-4 for a batch of prompts, G responses to each -> (GroupRollout, diagnostics)."""
+        check_temperature(temperature)
         self.actor.eval()
         # 1. G samples of each prompt from one encoding of it
         seq, mask, start = self.sample(prompts, max_seq_len, temperature, group_size=self.group_size)
@@ -229,7 +232,7 @@ class GRPOTrainer(PolicyTrainer):
                 ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
         # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
         scores = self.score(seq, mask, start)
-        ended = (seq[:, start:] == self.tokenizer.eos_id).any(dim=1)
+        ended = self.ended(seq, start)
         rewards = scores if self.missing_eos_penalty is None else scores - self.missing_eos_penalty * (~ended).float()
         groups = rewards.view(-1, self.group_size)  # (P, G)
         stats = dict(score=scores.mean(), response_length=resp_mask.sum(dim=1).float().mean(),
@@ -247,7 +250,7 @@ class GRPOTrainer(PolicyTrainer):
 
     def learn(self, rollout: GroupRollout) -> dict:
         """Step 5: epochs x minibatches of updates; returns the averaged losses and diagnostics."""
-        self.actor.train()
+        self.actor.eval()  # without dropout, as the rollout, so the first ratio is exactly 1 (as ppo.py)
         kl_in_loss = self.beta > 0 and self.kl_in == "loss"
         totals, count = {}, 0
         for _ in range(self.epochs):

@@ -34,7 +34,9 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+from tqdm.auto import tqdm
 
+from palm_rlhf.compat import GENERATE, PALM, palm_scopes, upstream_keywords
 from palm_rlhf.lora import LoRA
 from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID
 
@@ -56,16 +58,32 @@ class PaLMConfig:
     xpos_scale_base: int = 512
     tie_embedding: bool = True
     flash_attn: bool = True
-    pad_id: int = PAD_ID
+    # the id that is never a real token: ignored by the LM loss, written after EOS, stripped from
+    # padded prompts; None picks default_pad_id(num_tokens)
+    pad_id: int | None = None
+    causal: bool = True  # False: bidirectional attention (PaLM-rlhf-pytorch's encoder for reward models)
     # name -> {"lora_r": int, "lora_alpha": float} or {"last_n_layers": int}; saved so a checkpoint
     # with adapters loads back with them
     finetune_scopes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.pad_id is None:
+            self.pad_id = default_pad_id(self.num_tokens)
+        if not 0 <= self.pad_id < self.num_tokens:
+            raise ValueError(f"pad_id must be a token id in [0, {self.num_tokens}), got {self.pad_id}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "PaLMConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown PaLM preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def default_pad_id(num_tokens: int) -> int:
+    """256, the byte tokenizer's PAD, for its vocabulary of 258; for any other vocabulary 0, as
+    PaLM-rlhf-pytorch (its `cross_entropy_ignore_index` and `pad_value`). Pass `pad_id` (a
+    tokenizer's) wherever token 0 is real text."""
+    return PAD_ID if num_tokens == NUM_TOKENS else 0
 
 
 PRESETS = {
@@ -303,6 +321,37 @@ def attention_mask(key_mask: torch.Tensor | None, n: int) -> torch.Tensor | None
     return (causal & key_mask[:, None, None, :]) | itself
 
 
+def bidirectional_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """A non-causal model's mask: every query sees every real key, and itself, (b, 1, n, n)."""
+    n = key_mask.shape[1]
+    return key_mask[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=key_mask.device)
+
+
+FROZEN_BASE = (
+    "the LM loss depends on no trainable parameter: this PaLM's base weights are frozen, as RewardModel, "
+    "ImplicitPRM and the RL / DPO trainers freeze the base they share with their LoRA scopes. To train the "
+    "PaLM itself, train it before building those, or build the reward model on a copy "
+    "(RewardModel(palm, share_base=False), as PaLM-rlhf-pytorch does), or unfreeze it with "
+    "palm.requires_grad_(True) (the scopes already built on it then sit on a moving base). To only "
+    "evaluate the loss, compute it under torch.no_grad()."
+)
+
+
+class RaiseOnBackward(torch.autograd.Function):
+    """Passes a loss through unchanged; its backward raises `message`. It stands where autograd would
+    otherwise say only 'element 0 of tensors does not require grad', while leaving the loss usable
+    for evaluation."""
+
+    @staticmethod
+    def forward(ctx, loss, anchor, message):
+        ctx.message = message
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(ctx.message)
+
+
 def outside_autograd(fn):
     """Runs fn under torch.inference_mode, which spares each op of a decoding step autograd's
     bookkeeping (version counters, view tracking), and returns clones of its tensors: normal tensors,
@@ -320,6 +369,7 @@ def outside_autograd(fn):
 
 
 class PaLM(nn.Module):
+    @upstream_keywords(PALM, palm_scopes)
     @beartype
     def __init__(
         self,
@@ -336,13 +386,15 @@ class PaLM(nn.Module):
         xpos_scale_base: int = 512,
         tie_embedding: bool = True,
         flash_attn: bool = True,
-        pad_id: int = PAD_ID,
+        pad_id: int | None = None,
+        causal: bool = True,
         finetune_scopes: dict | None = None,
     ):
+        """pad_id None: default_pad_id(num_tokens), 256 for the byte vocabulary, else 0."""
         super().__init__()
         self.config = PaLMConfig(**{k: v for k, v in locals().items() if k in PaLMConfig.__dataclass_fields__})
         self.config.finetune_scopes = {}
-        self.num_tokens, self.dim, self.pad_id = num_tokens, dim, pad_id
+        self.num_tokens, self.dim, self.pad_id, self.causal = num_tokens, dim, self.config.pad_id, causal
         self.attn_backend = resolve_attn_backend(flash_attn)
 
         self.token_emb = nn.Embedding(num_tokens, dim)
@@ -476,7 +528,10 @@ class PaLM(nn.Module):
                 mask = mask[:, :-1]
             logits = self(inputs, mask=mask, finetune_scope=finetune_scope, disable_lora=disable_lora,
                           extra_embed=extra_embed)
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.pad_id)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.pad_id)
+            if torch.is_grad_enabled() and not loss.requires_grad:
+                return RaiseOnBackward.apply(loss, torch.zeros((), requires_grad=True), FROZEN_BASE)
+            return loss
 
         if cache is None:
             self._check_token_ids(x)
@@ -492,10 +547,10 @@ class PaLM(nn.Module):
                 attn_mask = attention_mask(key_mask, n)
         elif mask is not None:
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-            attn_mask = attention_mask(mask, n)
+            attn_mask = attention_mask(mask, n) if self.causal else bidirectional_mask(mask)
         else:
             positions = torch.arange(n, device=x.device).expand(x.shape[0], n)
-            attn_mask = None
+            attn_mask = None if self.causal else bidirectional_mask(torch.ones_like(x, dtype=torch.bool))
 
         h = self.token_emb(x)
         if extra_embed is not None:
@@ -533,6 +588,7 @@ class PaLM(nn.Module):
 
     # --- generation -------------------------------------------------------------------------------
 
+    @upstream_keywords(GENERATE)
     @outside_autograd
     def generate(
         self,
@@ -541,7 +597,11 @@ class PaLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        filter_thres: float | None = None,
+        filter_logits_fn=None,
         eos_token: int | None = None,
+        pad_id: int | None = None,
+        use_tqdm: bool = False,
         use_cache: bool = True,
         return_log_probs: bool = False,
         return_seq_without_prompt: bool = True,
@@ -554,7 +614,13 @@ class PaLM(nn.Module):
         """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
 
         prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or
-        (b, n) with `prompt_mask` marking its real tokens. temperature 0 is greedy.
+        (b, n) with `prompt_mask` marking its real tokens (right padding is moved to the left, which
+        is the prompt that `return_seq_without_prompt=False` returns). No prompt: one random token
+        starts the sequence, and the whole (1, seq_len) sequence is returned, as there.
+        temperature 0 is greedy. Filters, as PaLM-rlhf-pytorch's: `filter_thres=t` alone keeps the
+        ceil((1 - t) * v) most likely tokens (its top_k); `filter_logits_fn(logits, thres=t)` is
+        applied after top_k / top_p. `pad_id` (PaLM-rlhf-pytorch's `pad_value`) is written after
+        EOS, by default the model's; `use_tqdm` shows the decoding steps.
         `num_samples_per_prompt=G` draws G samples of each prompt, rows b * G, prompt i's in rows
         i * G .. i * G + G - 1; with the cache, each prompt is encoded once and its cache shared.
         Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
@@ -563,6 +629,11 @@ class PaLM(nn.Module):
         """
         was_training = self.training
         self.eval()
+        if prompt is None:
+            return_seq_without_prompt = False
+        pad_id = self.pad_id if pad_id is None else pad_id
+        use_cache = use_cache and self.causal  # a bidirectional model re-reads the whole sequence each step
+        top_k, logits_filter = sampling_filters(self.num_tokens, top_k, filter_thres, filter_logits_fn)
         prompt, prompt_mask, unbatched = self._prepare_prompt(prompt, prompt_mask)
         unbatched = unbatched and num_samples_per_prompt == 1
         if not use_cache:  # no cache to share: the prompts are simply repeated
@@ -571,7 +642,8 @@ class PaLM(nn.Module):
         b, n = prompt.shape
         num_new = seq_len - n
         if num_new < 1:
-            raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({n})")
+            raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({n}): seq_len counts the prompt, "
+                             f"so pass seq_len={n + 1} for one new token")
         if num_samples_per_prompt < 1:
             raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}")
         scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
@@ -590,13 +662,14 @@ class PaLM(nn.Module):
             seq, seq_mask = prompt, prompt_mask
             logits = self(seq, mask=seq_mask, **scope)[:, -1]
 
-        tokens = torch.full((b, num_new), self.pad_id, dtype=torch.long, device=self.device)
+        tokens = torch.full((b, num_new), pad_id, dtype=torch.long, device=self.device)
         log_probs = torch.zeros(b, num_new, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for t in range(num_new):
-            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator, return_log_probs)
+        for t in tqdm(range(num_new), desc="generate", disable=not use_tqdm):
+            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator, return_log_probs,
+                                           logits_filter)
             if eos_token is not None:  # rows that have ended get PAD, at log-prob 0
-                token = token.masked_fill(done, self.pad_id)
+                token = token.masked_fill(done, pad_id)
                 log_prob = None if log_prob is None else log_prob.masked_fill(done, 0.0)
                 done = done | (token == eos_token)
             tokens[:, t] = token
@@ -621,8 +694,9 @@ class PaLM(nn.Module):
 
     def _prepare_prompt(self, prompt, prompt_mask):
         """-> left-padded prompt (b, n), its mask (b, n), whether the caller passed one sequence."""
-        if prompt is None:
-            prompt = torch.randint(0, min(256, self.num_tokens), (1, 1))
+        if prompt is None:  # a random token that is not the pad
+            prompt = torch.randint(0, self.num_tokens - 1, (1, 1))
+            prompt = prompt + (prompt >= self.pad_id).long()
         if isinstance(prompt, (list, tuple)):
             if prompt_mask is not None:
                 raise ValueError("prompt_mask is for a (b, n) prompt tensor, not a list of prompts")
@@ -635,6 +709,10 @@ class PaLM(nn.Module):
             prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
         elif unbatched:
             prompt_mask = prompt_mask[None]
+        if not is_left_padded(prompt_mask):
+            # the next token is read at the last position, which must be real in every row:
+            # right (or inner) padding is moved to the left
+            prompt, prompt_mask = left_pad([row[keep] for row, keep in zip(prompt.cpu(), prompt_mask.cpu())], self.pad_id)
         return prompt.to(self.device), prompt_mask.to(self.device), unbatched
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -721,6 +799,11 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int):
     return out, mask
 
 
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """mask (b, n): True when no row has a False after a True (any padding is on the left)."""
+    return bool((mask.long().cummax(dim=1).values == mask.long()).all())
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Keeps the k most likely tokens and/or the smallest set whose probability reaches p
     (nucleus sampling, Holtzman et al. 2020); the rest get -inf."""
@@ -731,19 +814,34 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | N
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already >= p
+        drop_sorted[..., 0] = False  # the most likely token always stays, so top_p=0 is greedy, not empty
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def sample_token(logits, temperature, top_k, top_p, generator=None, with_log_prob=True):
+def sampling_filters(num_tokens: int, top_k, filter_thres, filter_logits_fn):
+    """PaLM-rlhf-pytorch's filter arguments -> (top_k, a logits filter or None). Its default filter,
+    with `filter_thres=t`, keeps the ceil((1 - t) * num_tokens) most likely tokens."""
+    if filter_logits_fn is not None:
+        thres = 0.9 if filter_thres is None else filter_thres
+        return top_k, lambda logits: filter_logits_fn(logits, thres=thres)
+    if filter_thres is not None:
+        if top_k is not None:
+            raise ValueError("pass top_k or filter_thres (PaLM-rlhf-pytorch's top-k fraction), not both")
+        top_k = max(1, math.ceil((1 - filter_thres) * num_tokens))
+    return top_k, None
+
+
+def sample_token(logits, temperature, top_k, top_p, generator=None, with_log_prob=True, logits_filter=None):
     """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,) or
-    None without `with_log_prob`."""
+    None without `with_log_prob`. `logits_filter` (b, v) -> (b, v) runs after top-k / top-p."""
     scaled = logits if temperature in (0, 1) else logits / temperature
     if temperature == 0:
         token = logits.argmax(dim=-1)
     else:
-        probs = top_k_top_p_filter(scaled, top_k, top_p).softmax(dim=-1)
+        filtered = top_k_top_p_filter(scaled, top_k, top_p)
+        probs = (filtered if logits_filter is None else logits_filter(filtered)).softmax(dim=-1)
         # the exponential race argmax(p / q), q ~ Exp(1): what torch.multinomial draws for one sample,
         # from the same random numbers, without its checks of p (a dozen small ops per step)
         token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)

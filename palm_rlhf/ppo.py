@@ -6,7 +6,8 @@ Models from Human Preferences") and InstructGPT (Ouyang et al. 2022), each step 
     1. rollout: a batch of prompts, responses sampled at temperature T with the KV-cached sampler,
        truncated after their first EOS; log-probs of the policy softmax(logits / T)
     2. per-token reward r_t = -beta * KL_t(policy || reference), plus the reward model's score on the
-       last response token; beta fixed or adaptive (Ziegler et al. eq. 2)
+       last response token (or, from a process reward model with `token_rewards`, such as
+       ImplicitPRM, its reward on every response token); beta fixed or adaptive (Ziegler et al. eq. 2)
     3. values V_t from the critic (its own LoRA scope on the same base, plus a zero-initialised head)
     4. GAE advantages and returns (Schulman et al. 2016), advantages whitened over the batch
     5. epochs x minibatches of the clipped policy loss, clipped value loss and entropy bonus
@@ -32,6 +33,8 @@ Where this departs from InstructGPT / Ziegler et al.:
        score (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
     8. One optimizer (two parameter groups) steps on policy loss + vf_coef * value loss; actor and
        critic gradients are clipped separately.
+    9. Dropout is off in rollouts and updates alike (the PaLM keeps its rates for LM training), so
+       the first ratio is exactly 1 and the reference log-probs carry no dropout noise.
 """
 import copy
 import math
@@ -45,8 +48,9 @@ from beartype import beartype
 from torch import nn
 from tqdm.auto import tqdm
 
+from palm_rlhf.compat import PPO_TRAIN, RLHF_TRAINER, ppo_episodes, rlhf_trainer_inputs, upstream_keywords
 from palm_rlhf.palm import PaLM, left_pad
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.tokenizer import NUM_TOKENS, ByteTokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # the maths: masks are bool, True at response tokens
@@ -141,8 +145,18 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
-def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(b, r) sampled tokens -> (b, r) bool, True up to and including each row's first EOS."""
+def check_temperature(temperature: float):
+    """RL scores samples under softmax(logits / T): T = 0 (greedy) has no such policy to optimise."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for RL (the policy is softmax(logits / T)), got {temperature}; "
+                         "greedy decoding (temperature=0) is for generate only")
+
+
+def response_mask(tokens: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """(b, r) sampled tokens -> (b, r) bool, True up to and including each row's first EOS (all
+    True without an EOS id)."""
+    if eos_id is None:
+        return torch.ones_like(tokens, dtype=torch.bool)
     is_eos = tokens == eos_id
     return (is_eos.long().cumsum(dim=-1) - is_eos.long()) == 0
 
@@ -284,9 +298,13 @@ def text_reward_fn(score_texts, tokenizer=None):
 
 
 def prompt_list(prompt_token_ids, prompts, tokenizer, pad_id: int) -> list[torch.Tensor]:
-    """Prompts as 1-D token tensors; text prompts start with EOS, the begin-of-document token."""
+    """Prompts as 1-D token tensors; text prompts start with EOS, the begin-of-document token.
+    A (b, n) tensor of token ids loses every `pad_id`, wherever it is."""
     if (prompt_token_ids is None) == (prompts is None):
         raise ValueError("pass exactly one of prompt_token_ids (token ids) or prompts (text)")
+    if prompts is not None and tokenizer is None:
+        raise ValueError("text prompts need a tokenizer= for this vocabulary (the byte tokenizer fits only "
+                         f"num_tokens={NUM_TOKENS}); or pass prompt_token_ids")
     if prompts is not None:
         ids = [torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p))) for p in prompts]
     elif isinstance(prompt_token_ids, torch.Tensor):
@@ -297,6 +315,11 @@ def prompt_list(prompt_token_ids, prompts, tokenizer, pad_id: int) -> list[torch
     if not ids or any(len(p) == 0 for p in ids):
         raise ValueError("prompts must be a non-empty collection of non-empty prompts")
     return [p.long().cpu() for p in ids]
+
+
+def prompt_mask_before(mask: torch.Tensor, start: int) -> torch.Tensor:
+    """mask (b, n) -> (b, n) True at the real tokens before `start`, where the responses begin."""
+    return (torch.arange(mask.shape[1], device=mask.device) < start).expand_as(mask) & mask
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,12 +333,18 @@ class PolicyTrainer:
     policy as a plain PaLM. A subclass adds its scopes, its optimizer and `step`."""
 
     def __init__(self, *, palm: PaLM, reward_model, reward_fn, prompt_token_ids, prompts, tokenizer, actor_scope: str,
-                 accelerator: Accelerator | None, accelerate_kwargs: dict | None = None):
+                 accelerator: Accelerator | None, accelerate_kwargs: dict | None = None,
+                 prompt_pad_id: int | None = None):
+        """tokenizer: by default the byte tokenizer for the byte vocabulary, none for another (token-id
+        prompts, and no EOS unless `train(eos_token=)` names one). prompt_pad_id: the id stripped
+        from a padded prompt_token_ids tensor (default palm.pad_id)."""
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("pass exactly one of reward_model or reward_fn")
         self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, palm.pad_id)
+        self.tokenizer = tokenizer or (ByteTokenizer() if palm.num_tokens == NUM_TOKENS else None)
+        self.eos_id = None if self.tokenizer is None else self.tokenizer.eos_id  # where sampled responses end
+        pad_id = palm.pad_id if prompt_pad_id is None else prompt_pad_id
+        self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, pad_id)
         self.palm, self.reward_model, self.actor_scope = palm, reward_model, actor_scope
         self.reward_fn = reward_model.score if reward_model is not None else reward_fn
         if reward_model is not None:  # frozen; it usually shares this base, whose scopes come next
@@ -334,14 +363,21 @@ class PolicyTrainer:
 
     def score(self, seq, mask, start: int) -> torch.Tensor:
         """The reward model's (or reward_fn's) score of each sequence, whose response starts at `start`: (b,)."""
-        positions = torch.arange(seq.shape[1], device=seq.device)
-        prompt_mask = (positions < start).expand_as(mask) & mask
         with self.accelerator.autocast():
-            scores = self.reward_fn(seq, prompt_mask=prompt_mask, mask=mask)
+            scores = self.reward_fn(seq, prompt_mask=prompt_mask_before(mask, start), mask=mask)
         scores = torch.as_tensor(scores, device=seq.device).float().reshape(-1)
         if scores.shape[0] != seq.shape[0]:
             raise ValueError(f"the reward gave {scores.shape[0]} scores for {seq.shape[0]} sequences")
         return scores
+
+    def token_rewards(self, seq, mask, start: int) -> torch.Tensor | None:
+        """A process reward model's reward of each response token seq[:, start:], (b, r); None when
+        the reward is one score per response."""
+        if not hasattr(self.reward_model, "token_rewards"):
+            return None
+        with self.accelerator.autocast():
+            rewards = self.reward_model.token_rewards(seq, prompt_mask=prompt_mask_before(mask, start), mask=mask)
+        return rewards[:, start - 1:].float()
 
     @torch.no_grad()
     def sample(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, group_size: int = 1,
@@ -351,14 +387,20 @@ class PolicyTrainer:
         response right-padded after its EOS) and the response start."""
         prompt, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.palm.pad_id))
         tokens = self.palm.generate(max_seq_len, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
-                                    eos_token=self.tokenizer.eos_id, finetune_scope=self.actor_scope,
+                                    eos_token=self.eos_id, finetune_scope=self.actor_scope,
                                     num_samples_per_prompt=group_size, **sampling)
         prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
-        responses_mask = response_mask(tokens, self.tokenizer.eos_id)
+        responses_mask = response_mask(tokens, self.eos_id)
         length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
         seq = torch.cat((prompt, tokens[:, :length]), dim=1)
         mask = torch.cat((prompt_mask, responses_mask[:, :length]), dim=1)
         return seq, mask, prompt.shape[1]
+
+    def ended(self, seq, start: int) -> torch.Tensor:
+        """(b,) bool: whether each response seq[:, start:] emitted EOS."""
+        if self.eos_id is None:
+            return torch.zeros(len(seq), dtype=torch.bool, device=seq.device)
+        return (seq[:, start:] == self.eos_id).any(dim=1)
 
     def reduce_stats(self, stats: dict) -> dict:
         """Each diagnostic averaged over processes, so every process sees the same values."""
@@ -407,10 +449,12 @@ class PolicyTrainer:
 
 
 class RLHFTrainer(PolicyTrainer):
-    """PPO on a PaLM with a reward model (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`) or
-    a programmatic `reward_fn` of the same signature. Only the actor and critic adapters (and value
-    head) are trained; the base and the reward model stay frozen."""
+    """PPO on a PaLM with a reward model (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`,
+    with `token_rewards` a process reward model) or a programmatic `reward_fn` of the same signature.
+    Only the actor and critic adapters (and value head) are trained; the base and the reward model
+    stay frozen. PaLM-rlhf-pytorch's keywords are taken too (compat.RLHF_TRAINER)."""
 
+    @upstream_keywords(RLHF_TRAINER, rlhf_trainer_inputs)
     @beartype
     def __init__(
         self,
@@ -429,6 +473,8 @@ class RLHFTrainer(PolicyTrainer):
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-4,
         weight_decay: float = 0.0,
+        critic_weight_decay: float | None = None,
+        betas: tuple = (0.9, 0.95),
         beta: float = 0.05,
         kl_target: float | None = None,
         kl_horizon: int = 10000,
@@ -444,13 +490,14 @@ class RLHFTrainer(PolicyTrainer):
         minibatch_size: int = 16,
         missing_eos_penalty: float | None = None,
         rollout_memmap_dir: str | Path | None = None,
+        prompt_pad_id: int | None = None,
         accelerator: Accelerator | None = None,
         accelerate_kwargs: dict | None = None,
     ):
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fails early on an unknown name
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, actor_scope=actor_lora_scope, accelerator=accelerator,
-                         accelerate_kwargs=accelerate_kwargs)
+                         accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
         self.kl = KLController(beta, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.eps_clip, self.value_clip, self.vf_coef, self.entropy_coef = eps_clip, value_clip, vf_coef, entropy_coef
@@ -467,8 +514,9 @@ class RLHFTrainer(PolicyTrainer):
         actor_critic = ActorCritic(palm, actor_lora_scope, critic_lora_scope, critic_palm)
         optimizer = torch.optim.AdamW([
             dict(params=actor_critic.actor_parameters(), lr=actor_lr),
-            dict(params=actor_critic.critic_parameters(), lr=critic_lr),
-        ], weight_decay=weight_decay, betas=(0.9, 0.95))
+            dict(params=actor_critic.critic_parameters(), lr=critic_lr,
+                 weight_decay=weight_decay if critic_weight_decay is None else critic_weight_decay),
+        ], weight_decay=weight_decay, betas=betas)
         self.actor_critic, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
 
     @property
@@ -478,6 +526,7 @@ class RLHFTrainer(PolicyTrainer):
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
         """Steps 1-4 for a batch of prompts -> (Rollout, diagnostics)."""
+        check_temperature(temperature)
         self.actor_critic.eval()
         # 1. sample; log-probs recomputed by a forward pass so the first PPO ratio is exactly 1
         seq, mask, start = self.sample(prompts, max_seq_len, temperature)
@@ -485,15 +534,19 @@ class RLHFTrainer(PolicyTrainer):
         with self.accelerator.autocast():
             log_probs, entropy, values = self.unwrapped(seq, mask, start, temperature)  # 3. values too
             ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
-        # 2. reward: -beta * KL per token, the score on the last response token
-        scores = self.score(seq, mask, start)
-        ended = (seq[:, start:] == self.tokenizer.eos_id).any(dim=1)
-        if self.missing_eos_penalty is not None:
-            scores = scores - self.missing_eos_penalty * (~ended).float()
+        # 2. reward: -beta * KL per token, the score on the last response token (or a process
+        # reward model's reward on every token)
+        dense = self.token_rewards(seq, mask, start)
+        scores = dense.sum(dim=1) if dense is not None else self.score(seq, mask, start)
+        ended = self.ended(seq, start)
+        penalty = 0.0 if self.missing_eos_penalty is None else self.missing_eos_penalty * (~ended).float()
+        scores = scores - penalty
         kl = kl_penalty(log_probs, ref_log_probs, self.kl_estimator) * resp_mask
         rewards = -self.kl.beta * kl
         last = resp_mask.sum(dim=1) - 1
-        rewards[torch.arange(len(seq)), last] += scores
+        if dense is not None:
+            rewards = rewards + dense * resp_mask
+        rewards[torch.arange(len(seq)), last] += scores if dense is None else -penalty
         # 4. GAE, returns, whitened advantages
         advantages, returns = gae(rewards, values, resp_mask, self.gamma, self.lam)
         stats = dict(
@@ -506,7 +559,9 @@ class RLHFTrainer(PolicyTrainer):
 
     def learn(self, rollout: Rollout) -> dict:
         """Step 5: epochs x minibatches of PPO updates; returns the averaged losses and diagnostics."""
-        self.actor_critic.train()
+        # without dropout, as the rollout: the ratio must compare one function at two parameter
+        # settings, so that it is exactly 1 before the first step (TRL disables dropout likewise)
+        self.actor_critic.eval()
         unwrapped, totals, count = self.unwrapped, {}, 0
         for _ in range(self.epochs):
             for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
@@ -544,11 +599,16 @@ class RLHFTrainer(PolicyTrainer):
         self.kl.update(stats["kl"], rollout_batch_size * self.accelerator.num_processes)
         return stats, rollout
 
+    @upstream_keywords(PPO_TRAIN, ppo_episodes)
     def train(self, num_episodes: int = 1024, max_seq_len: int = 64, rollout_batch_size: int = 16,
-              temperature: float = 1.0, callback=None) -> list[dict]:
+              temperature: float = 1.0, eos_token: int | None = None, callback=None) -> list[dict]:
         """PPO for `num_episodes` sampled responses (one episode = one prompt and its response),
-        in iterations of `rollout_batch_size`. `callback(iteration, stats, rollout)` runs after each.
-        Returns the diagnostics of every iteration."""
+        in iterations of `rollout_batch_size`. `eos_token` (default the tokenizer's) ends a response.
+        `callback(iteration, stats, rollout)` runs after each. Returns the diagnostics of every
+        iteration. PaLM-rlhf-pytorch's `max_timesteps` / `update_timesteps` are mapped by
+        compat.ppo_episodes."""
+        if eos_token is not None:
+            self.eos_id = eos_token
         iterations = max(1, math.ceil(num_episodes / rollout_batch_size))
         return self.run_iterations(iterations, "ppo", callback, max_seq_len=max_seq_len,
                                    rollout_batch_size=rollout_batch_size, temperature=temperature)

@@ -6,7 +6,8 @@ Choices, and where they come from:
    fine-tune scope to the PaLM it is given (LoRA adapters, Hu et al. 2021, or trainable copies of
    the last N layers) and freezes that PaLM's base weights, so one frozen base can serve actor,
    critic, reward model and reference (Hydra-RLHF, Santacroce et al. 2023). Other scopes already on
-   the PaLM are left alone. Pass a copy if you want a separate model.
+   the PaLM are left alone. `share_base=False` works on a copy, as lucidrains does, and leaves the
+   given PaLM trainable.
 2. The prompt/response split is known to the model through two learned segment embeddings added to
    the token embeddings (lucidrains' `prompt_embed` / `response_embed`). They start at zero, so a
    fresh reward model sees exactly what the base sees.
@@ -29,6 +30,7 @@ Choices, and where they come from:
 
 Sequences: [EOS] + prompt bytes + response bytes + [EOS], `prompt_mask` True on [EOS] + prompt.
 """
+import copy
 import hashlib
 import json
 from dataclasses import replace
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from palm_rlhf.compat import REWARD_MODEL, upstream_keywords
 from palm_rlhf.palm import PaLM
 from palm_rlhf.tokenizer import EOS_ID, PAD_ID
 
@@ -125,10 +128,10 @@ def encode_reward_input(prompt: str, response: str, max_len: int | None = None, 
     return seq, prompt_mask
 
 
-def pad_right(seqs: list, prompt_masks: list) -> tuple:
+def pad_right(seqs: list, prompt_masks: list, pad_id: int = PAD_ID) -> tuple:
     """Lists of 1-D (seq, prompt_mask) -> right-padded seq, prompt_mask, mask, each (b, n)."""
     n = max(len(s) for s in seqs)
-    seq = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+    seq = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros(len(seqs), n, dtype=torch.bool)
     mask = torch.zeros(len(seqs), n, dtype=torch.bool)
     for i, (s, p) in enumerate(zip(seqs, prompt_masks)):
@@ -151,6 +154,7 @@ def base_checksum(palm: PaLM) -> str:
 
 
 class RewardModel(nn.Module):
+    @upstream_keywords(REWARD_MODEL)
     def __init__(
         self,
         palm: PaLM,
@@ -161,11 +165,15 @@ class RewardModel(nn.Module):
         finetune_last_n_layers: int | None = None,
         dropout: float = 0.1,
         pool: str = "mean",
+        share_base: bool = True,
     ):
         """Adds the scope `reward_lora_scope` to `palm` (LoRA of rank `lora_r`, or with
-        `finetune_last_n_layers=N` trainable copies of its last N layers) and freezes its base.
+        `finetune_last_n_layers=N` trainable copies of its last N layers) and freezes its base;
+        with share_base=False, to a copy of `palm`, which stays as it was.
         With use_lora=False and no finetune_last_n_layers, the whole given PaLM is fine-tuned."""
         super().__init__()
+        if not share_base:
+            palm = copy.deepcopy(palm)
         if num_binned_output == 1:
             raise ValueError("num_binned_output=1 is not a classifier; use 0 for a scalar reward")
         if pool not in ("eos", "mean"):
@@ -199,9 +207,10 @@ class RewardModel(nn.Module):
         tuned = self.palm.finetune_parameters(self.scope) if self.scope else list(self.palm.parameters())
         return own + tuned
 
-    def forward(self, seq, mask=None, prompt_mask=None, labels=None, return_logits=False):
+    def forward(self, seq, mask=None, prompt_mask=None, labels=None, return_logits=False, prompt_lengths=None):
         """seq (b, n) token ids; mask (b, n) True at real tokens (default: seq != PAD);
-        prompt_mask (b, n) True on the prompt (default: no prompt).
+        prompt_mask (b, n) True on the prompt (default: no prompt), or `prompt_lengths` (b,), the
+        prompt being each row's first tokens.
 
         labels given: the loss (binned: class indices 0..K-1 with cross-entropy; scalar: float
         targets with MSE). Otherwise the reward (b,), the expected 1..K rating for the binned head;
@@ -209,6 +218,10 @@ class RewardModel(nn.Module):
         """
         if mask is None:
             mask = seq != self.palm.pad_id
+        if prompt_lengths is not None:
+            if prompt_mask is not None:
+                raise ValueError("pass prompt_mask or prompt_lengths, not both")
+            prompt_mask = torch.arange(seq.shape[1], device=seq.device) < prompt_lengths.to(seq.device)[:, None]
         if prompt_mask is None:
             prompt_mask = torch.zeros_like(mask)
         # (b, n, D): the segment embedding of each position, added to its token embedding
@@ -245,7 +258,7 @@ class RewardModel(nn.Module):
             return [(s[m], p[m]) for s, p, m in zip(seq, prompt_mask, mask)]
 
         both = rows(chosen_seq, chosen_prompt_mask, chosen_mask) + rows(rejected_seq, rejected_prompt_mask, rejected_mask)
-        seq, prompt_mask, mask = (t.to(chosen_seq.device) for t in pad_right(*zip(*both)))
+        seq, prompt_mask, mask = (t.to(chosen_seq.device) for t in pad_right(*zip(*both), self.palm.pad_id))
         rewards = self(seq, mask=mask, prompt_mask=prompt_mask)
         return bradley_terry_loss(*rewards.chunk(2), margin=margin)
 

@@ -243,3 +243,11 @@ def test_kto_examples_thresholds_and_bad_input():
         DPOTrainer(palm=tiny(), pairs=synthetic_pairs(4, 0), method="ppo")
     with pytest.raises(ValueError, match="lacks"):
         DPOTrainer(palm=tiny(), examples=[dict(prompt="", response="x")], method="kto")
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo"])
+def test_with_dropout_the_loss_at_init_is_that_of_policy_equals_reference(method):
+    palm = PaLM.from_config(PaLMConfig.from_name("tiny", attn_dropout=0.3, ff_dropout=0.3))
+    trainer = make_trainer(method, palm=palm)
+    expected = math.log(2) if method == "dpo" else (1 / (2 * 0.1)) ** 2
+    assert trainer.train_step()["loss"] == pytest.approx(expected, abs=1e-6)

@@ -233,3 +233,14 @@ def test_bad_arguments_fail_clearly():
         trainer(loss_aggregation="mean")
     with pytest.raises(ValueError, match="reward_model or reward_fn"):
         GRPOTrainer(palm=tiny_palm(), prompt_token_ids=PROMPTS)
+
+
+def test_with_dropout_the_first_ratio_is_exactly_one_and_temperature_zero_is_refused():
+    from palm_rlhf import PaLM, PaLMConfig
+    palm = PaLM.from_config(PaLMConfig.from_name("tiny", attn_dropout=0.3, ff_dropout=0.3))
+    t = trainer(palm, epochs=1, minibatch_size=64)
+    rollout, _ = t.rollout(PROMPTS * 2, max_seq_len=12)
+    stats = t.learn(rollout)
+    assert stats["approx_kl"] == 0.0 and stats["clip_fraction"] == 0.0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        t.step(max_seq_len=10, prompts_per_step=1, temperature=0.0)

@@ -121,6 +121,25 @@ def test_top_k_and_top_p_filters():
     assert probs[0] < 0.7 < probs[0] + probs[1]
     assert torch.isinf(top_k_top_p_filter(logits, None, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(top_k_top_p_filter(logits, None, 0.5)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(top_k_top_p_filter(logits, None, 0.0)).tolist() == [[False, True, True, True]]
+
+
+def test_top_p_zero_keeps_the_most_likely_token(palm):
+    prompt = torch.randint(0, 256, (2, 3))
+    torch.testing.assert_close(palm.generate(10, prompt=prompt, top_p=0.0), palm.generate(10, prompt=prompt, temperature=0.0))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_right_padded_prompt_mask_samples_as_the_left_padded_prompt(palm, use_cache):
+    prompts = [torch.tensor([104, 105]), torch.tensor([97, 98, 99, 100, 101])]
+    right = torch.full((2, 5), PAD_ID)
+    right[0, :2], right[1] = prompts[0], prompts[1]
+    right_mask = right != PAD_ID
+    expected = palm.generate(12, prompt=prompts, temperature=0.0, use_cache=use_cache, return_log_probs=True)
+    got = palm.generate(12, prompt=right, prompt_mask=right_mask, temperature=0.0, use_cache=use_cache,
+                        return_log_probs=True)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
 
 
 def test_sampling_is_reproducible_with_a_generator(palm):

@@ -252,3 +252,18 @@ def test_bad_arguments_fail_clearly():
         RLHFTrainer(palm=tiny_palm(), reward_fn=count_target)
     with pytest.raises(ValueError, match="KL estimator"):
         trainer(kl_estimator="k4")
+
+
+def test_with_dropout_the_first_ratio_is_exactly_one():
+    # dropout would make the update's log-probs another function than the rollout's: RL runs without it
+    palm = PaLM.from_config(PaLMConfig.from_name("tiny", attn_dropout=0.3, ff_dropout=0.3))
+    t = trainer(palm, epochs=1, minibatch_size=64)
+    rollout, _ = t.rollout(PROMPTS * 4, max_seq_len=12)
+    stats = t.learn(rollout)
+    assert stats["approx_kl"] == 0.0 and stats["clip_fraction"] == 0.0
+
+
+def test_temperature_zero_is_refused_with_a_clear_error():
+    t = trainer()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        t.step(max_seq_len=10, rollout_batch_size=2, temperature=0.0)
