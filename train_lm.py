@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from palm_rlhf import EOS_ID, ByteTokenizer, PaLM, PaLMConfig
@@ -26,6 +25,7 @@ from palm_rlhf.training import (
     MetricsLogger,
     available_trackers,
     check_finite,
+    check_in_sync,
     checkpoint_exists,
     init_trackers,
     load_checkpoint,
@@ -83,10 +83,6 @@ def sample_text(palm, cfg, tokenizer) -> str:
     tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=EOS_ID,
                            generator=generator)
     return cfg.sample_prompt + tokenizer.decode(tokens)
-
-
-def parameter_checksum(palm) -> float:
-    return sum(float(p.detach().double().sum()) for p in palm.parameters())
 
 
 def build_optimizer(palm, cfg):
@@ -171,10 +167,7 @@ def train(cfg: TrainLMConfig):
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save(done)
 
-    checksums = gather_object([parameter_checksum(unwrapped)])
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"parameters differ across processes: {checksums}")
-    accelerator.print(f"parameters identical across {accelerator.num_processes} process(es)")
+    check_in_sync(accelerator, palm)
     save(cfg.steps)
     if accelerator.is_main_process:
         unwrapped.save(out_dir / "final")

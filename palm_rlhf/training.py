@@ -197,6 +197,17 @@ def load_checkpoint(directory, *, model, optimizer=None, scheduler=None) -> dict
     return dict(step=trainer_state["step"], extra=trainer_state["extra"])
 
 
+def check_in_sync(accelerator, model) -> None:
+    """Raises RuntimeError if the processes' copies of `model` differ (a sum of its parameters,
+    gathered from every process), else prints that they agree. Call it on every process: with
+    data parallelism every copy must stay the same, and a process that drifted is a silent bug."""
+    checksum = sum(float(p.detach().double().sum()) for p in extract_model_from_parallel(model).parameters())
+    checksums = gather_object([checksum])
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"parameters differ across processes: {checksums}")
+    accelerator.print(f"parameters identical across {accelerator.num_processes} process(es)")
+
+
 def check_finite(loss, step: int, hint: str = None) -> None:
     """Raise RuntimeError if `loss` is nan or inf: "loss is nan at step 123; <hint>".
 
