@@ -100,6 +100,16 @@ def rotary_tables(positions: torch.Tensor, dim_head: int, xpos_scale_base: int |
     return cos.to(dtype), sin.to(dtype), xpos
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in, for x a weight or embedding of the model: autocast's when it
+    is on for x's device, else x's. The rotary tables and the KV cache take it, so that under bf16
+    autocast fp32 tables do not promote q and k to fp32 beside a bf16 v (flash-attn takes only
+    matching fp16 / bf16 q, k, v)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def apply_rotary(x, cos, sin):
     """x (..., d) turned pairwise (x_i, x_{i + d/2}) by the angles of the tables (RoFormer eq. 34)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll: (x1, x2) -> (x2, x1); sin is signed
@@ -399,7 +409,7 @@ class PaLM(nn.Module):
                 o=LoRA(attn_inner, c.dim, lora_r, lora_alpha),
             ))
             for _ in self.layers
-        ).to(self.device)
+        ).to(device=self.device, dtype=self.token_emb.weight.dtype)  # a bf16 model gets bf16 adapters
         self.config.finetune_scopes[scope] = {"lora_r": lora_r, "lora_alpha": lora_alpha}
 
     def remove_finetune_params(self, scope: str):
@@ -503,7 +513,7 @@ class PaLM(nn.Module):
         if cache is not None:
             rotary = cache.rotary(positions)
         else:
-            rotary = rotary_tables(positions, self.config.dim_head, self.xpos_scale_base, h.dtype)
+            rotary = rotary_tables(positions, self.config.dim_head, self.xpos_scale_base, activation_dtype(h))
         for i, (layer, lora) in enumerate(self._layers_and_adapters(finetune_scope, disable_lora)):
             h = layer(h, rotary, attn_mask, self.attn_backend, lora=lora, cache=cache, layer=i)
         if cache is not None:
@@ -579,7 +589,7 @@ class PaLM(nn.Module):
         cache = None
         if use_cache:
             cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device,
-                            self.token_emb.weight.dtype, self.xpos_scale_base)
+                            activation_dtype(self.token_emb.weight), self.xpos_scale_base)
             logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
             if num_samples_per_prompt > 1:
                 cache.repeat_interleave(num_samples_per_prompt)

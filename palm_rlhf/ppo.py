@@ -32,6 +32,8 @@ Where this departs from InstructGPT / Ziegler et al.:
        score (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
     8. One optimizer (two parameter groups) steps on policy loss + vf_coef * value loss; actor and
        critic gradients are clipped separately.
+    9. On several processes, each samples its own rollout and whitens its advantages over it (not
+       over all processes' rollouts); the gradients are averaged over processes.
 """
 import copy
 import math
@@ -534,8 +536,11 @@ class RLHFTrainer(PolicyTrainer):
                 loss = policy_loss + self.vf_coef * value_loss - self.entropy_coef * entropy
                 self.accelerator.backward(loss)
                 if self.max_norm is not None:
-                    self.accelerator.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
-                    self.accelerator.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
+                    # unscaled once (fp16's GradScaler refuses a second unscale_ of one optimizer
+                    # before its step), then actor and critic clipped separately
+                    self.accelerator.unscale_gradients(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
+                    torch.nn.utils.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
