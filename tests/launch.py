@@ -15,7 +15,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script, *args, num_processes: int = 2, timeout: int = 300, extra_launch_args=()):
+def accelerate_launch(script, *args, num_processes: int = 2, timeout: int = 900, extra_launch_args=()):
     """`accelerate launch --multi_gpu --num_processes N script args` on CPU: `accelerate launch --cpu`
     starts one process unless MPI is set up, while the multi-GPU launcher (torchrun) with
     ACCELERATE_USE_CPU gives N gloo processes. Returns the CompletedProcess."""
