@@ -27,6 +27,7 @@ from palm_rlhf.training import (
     check_finite,
     check_in_sync,
     checkpoint_exists,
+    full_state_dict,
     init_trackers,
     load_checkpoint,
     lr_lambda_warmup_cosine,
@@ -169,8 +170,9 @@ def train(cfg: TrainLMConfig):
 
     check_in_sync(accelerator, palm)
     save(cfg.steps)
+    weights = full_state_dict(accelerator, palm)  # on every process: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
-        unwrapped.save(out_dir / "final")
+        unwrapped.save(out_dir / "final", state_dict=weights)
         plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
         print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
     accelerator.end_training()

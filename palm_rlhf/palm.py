@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from palm_rlhf.lora import LoRA
@@ -649,9 +649,11 @@ class PaLM(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path, state_dict: dict | None = None):
         """Safetensors weights with the config in their metadata. A directory gets model.safetensors
-        and a readable config.json (what `from_pretrained` reads); a file path gets one file."""
+        and a readable config.json (what `from_pretrained` reads); a file path gets one file.
+        `state_dict`: the weights to write instead of this module's own, e.g. the full state dict
+        that `accelerator.get_state_dict` gathers from the shards of FSDP or ZeRO-3."""
         path = Path(path)
         config_json = json.dumps(asdict(self.config))
         if path.suffix not in (".safetensors", ".pt", ".bin"):
@@ -660,7 +662,10 @@ class PaLM(nn.Module):
             path = path / "model.safetensors"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(path), metadata={"palm_config": config_json})
+        if state_dict is None:
+            save_model(self, str(path), metadata={"palm_config": config_json})
+        else:
+            save_state_dict(state_dict, path, metadata={"palm_config": config_json})
 
     def load(self, path, strict: bool = True):
         """Loads weights saved by `save` into this model; a checkpoint of another shape fails with a
@@ -692,6 +697,18 @@ class PaLM(nn.Module):
         known = {f.name for f in fields(PaLMConfig)}
         model = cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
         return model.load(path)
+
+
+def save_state_dict(state_dict: dict, path, metadata: dict | None = None):
+    """Writes a state dict as safetensors with each shared tensor (the tied embedding) stored once,
+    as safetensors' save_model does for a module; its load_model fills in the other names."""
+    stored, unique = set(), {}
+    for name, tensor in state_dict.items():
+        where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where not in stored:
+            stored.add(where)
+            unique[name] = tensor.detach().contiguous()
+    save_file(unique, str(path), metadata=metadata)
 
 
 SHAPE_FIELDS = ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "tie_embedding")
