@@ -38,6 +38,7 @@ from palm_rlhf.dpo import METHODS, DPOTrainer, kto_examples, pack_sequences, ref
 from palm_rlhf.training import (
     MetricsLogger,
     available_trackers,
+    check_in_sync,
     checkpoint_exists,
     init_trackers,
     load_checkpoint,
@@ -229,6 +230,7 @@ def train(cfg: TrainDPOConfig) -> dict:
                             extra=dict(train_config=asdict(cfg)))
 
     trainer.train(num_steps=cfg.steps, callback=after_step)
+    check_in_sync(accelerator, trainer.model)
     after = trainer.evaluate(eval_pairs)
     summary = {}
     if accelerator.is_main_process:

@@ -70,7 +70,8 @@ def train(cfg: TrainGRPOConfig) -> dict:
         estimator=cfg.estimator, group_size=cfg.group_size, beta=cfg.beta, kl_in=cfg.kl_in,
         loss_aggregation=cfg.loss_aggregation, eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, lr=cfg.lr,
         lora_r=cfg.lora_r, weight_decay=cfg.weight_decay, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
-        max_norm=cfg.max_grad_norm or None, missing_eos_penalty=cfg.missing_eos_penalty, accelerator=accelerator,
+        max_norm=cfg.max_grad_norm or None, missing_eos_penalty=cfg.missing_eos_penalty, seed=cfg.seed,
+        accelerator=accelerator,
     )
     return run_rl_stage(
         cfg, trainer, accelerator=accelerator, model=trainer.actor, stage="grpo", method=cfg.estimator.upper(),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from palm_rlhf import EOS_ID, ByteTokenizer, PaLM, PaLMConfig
@@ -26,7 +25,9 @@ from palm_rlhf.training import (
     MetricsLogger,
     available_trackers,
     check_finite,
+    check_in_sync,
     checkpoint_exists,
+    full_state_dict,
     init_trackers,
     load_checkpoint,
     lr_lambda_warmup_cosine,
@@ -83,10 +84,6 @@ def sample_text(palm, cfg, tokenizer) -> str:
     tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=EOS_ID,
                            generator=generator)
     return cfg.sample_prompt + tokenizer.decode(tokens)
-
-
-def parameter_checksum(palm) -> float:
-    return sum(float(p.detach().double().sum()) for p in palm.parameters())
 
 
 def build_optimizer(palm, cfg):
@@ -171,13 +168,11 @@ def train(cfg: TrainLMConfig):
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save(done)
 
-    checksums = gather_object([parameter_checksum(unwrapped)])
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"parameters differ across processes: {checksums}")
-    accelerator.print(f"parameters identical across {accelerator.num_processes} process(es)")
+    check_in_sync(accelerator, palm)
     save(cfg.steps)
+    weights = full_state_dict(accelerator, palm)  # on every process: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
-        unwrapped.save(out_dir / "final")
+        unwrapped.save(out_dir / "final", state_dict=weights)
         plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
         print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
     accelerator.end_training()

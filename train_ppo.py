@@ -69,7 +69,7 @@ def train(cfg: TrainPPOConfig) -> dict:
         actor_lora_r=cfg.lora_r, critic_lora_r=cfg.lora_r, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
         beta=cfg.beta, kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon, gamma=cfg.gamma, lam=cfg.lam,
         eps_clip=cfg.eps_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef,
-        max_norm=cfg.max_grad_norm or None, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
+        max_norm=cfg.max_grad_norm or None, seed=cfg.seed, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
         missing_eos_penalty=cfg.missing_eos_penalty, rollout_memmap_dir=cfg.rollout_memmap_dir, accelerator=accelerator,
     )
     return run_rl_stage(

@@ -45,6 +45,7 @@ from palm_rlhf.training import (
     MetricsLogger,
     available_trackers,
     check_finite,
+    check_in_sync,
     checkpoint_exists,
     init_trackers,
     load_checkpoint,
@@ -382,6 +383,7 @@ def train(cfg: TrainRewardConfig) -> dict:
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save(done)
 
+    check_in_sync(accelerator, model)
     save(cfg.steps)
     final = final or evaluate(unwrapped, data, cfg, accelerator.device)
     if accelerator.is_main_process:

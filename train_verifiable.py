@@ -145,7 +145,7 @@ def train_grpo(palm, cfg, train_problems, curve_problems, metrics, accelerator) 
     trainer = GRPOTrainer(
         palm=palm, reward_fn=verifiable_reward_fn(train_problems), prompts=[p.prompt for p in train_problems],
         estimator=cfg.estimator, group_size=cfg.group_size, beta=cfg.beta, lr=cfg.grpo_lr, lora_r=cfg.lora_r,
-        epochs=cfg.epochs, minibatch_size=cfg.minibatch_size, max_norm=1.0, accelerator=accelerator,
+        epochs=cfg.epochs, minibatch_size=cfg.minibatch_size, max_norm=1.0, seed=cfg.seed, accelerator=accelerator,
     )
     max_seq_len = max(len(p.prompt) for p in train_problems) + 1 + max_new_tokens(cfg)  # + 1: the leading EOS
     progress = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO")

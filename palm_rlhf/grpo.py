@@ -196,13 +196,14 @@ class GRPOTrainer(PolicyTrainer):
         minibatch_size: int = 16,
         max_norm: float | None = 1.0,
         missing_eos_penalty: float | None = None,
+        seed: int = 0,
         accelerator: Accelerator | None = None,
         accelerate_kwargs: dict | None = None,
     ):
         check_options(estimator, group_size, beta, kl_in, loss_aggregation)
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
-                         prompts=prompts, tokenizer=tokenizer, actor_scope=lora_scope, accelerator=accelerator,
-                         accelerate_kwargs=accelerate_kwargs)
+                         prompts=prompts, tokenizer=tokenizer, actor_scope=lora_scope, seed=seed,
+                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
         self.estimator, self.advantage_fn = estimator, ADVANTAGE_ESTIMATORS[estimator]
         self.group_size, self.beta, self.kl_in, self.loss_aggregation = group_size, beta, kl_in, loss_aggregation
         self.eps_clip, self.eps_clip_high, self.max_norm = eps_clip, eps_clip_high, max_norm
@@ -217,12 +218,13 @@ class GRPOTrainer(PolicyTrainer):
         return self.accelerator.unwrap_model(self.actor)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
-        """Steps 1-4 for a batch of prompts, G responses to each -> (GroupRollout, diagnostics)."""
+    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, generator=None):
+        """Steps 1-4 for a batch of prompts, G responses to each (sampled with `generator`)
+        -> (GroupRollout, diagnostics)."""
         check_temperature(temperature)
         self.actor.eval()
         # 1. G samples of each prompt from one encoding of it
-        seq, mask, start = self.sample(prompts, max_seq_len, temperature, group_size=self.group_size)
+        seq, mask, start = self.sample(prompts, max_seq_len, temperature, group_size=self.group_size, generator=generator)
         resp_mask = mask[:, start:]  # (P * G, r)
         # 2. log-probs recomputed by a forward pass so the first ratio is exactly 1; no reference pass at beta = 0
         with self.accelerator.autocast():
@@ -281,10 +283,10 @@ class GRPOTrainer(PolicyTrainer):
         return {name: total / count for name, total in totals.items()}
 
     def step(self, max_seq_len: int, prompts_per_step: int = 8, temperature: float = 1.0):
-        """One iteration on `prompts_per_step` randomly drawn prompts, `group_size` responses to
-        each -> (diagnostics, rollout)."""
-        index = torch.randint(len(self.prompts), (prompts_per_step,)).tolist()
-        rollout, stats = self.rollout([self.prompts[i] for i in index], max_seq_len, temperature)
+        """One iteration on `prompts_per_step` prompts drawn for this process, `group_size` responses
+        to each -> (diagnostics, rollout)."""
+        prompts, generator = self.draw_prompts(prompts_per_step)
+        rollout, stats = self.rollout(prompts, max_seq_len, temperature, generator=generator)
         stats.update(self.learn(rollout))
         return self.reduce_stats(stats), rollout
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -116,6 +116,16 @@ def rotary_tables(positions: torch.Tensor, dim_head: int, xpos_scale_base: int |
         scale = torch.cat((base**power, base**power), dim=-1)[:, None].to(dtype)
         xpos = (scale, scale.reciprocal())
     return cos.to(dtype), sin.to(dtype), xpos
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in, for x a weight or embedding of the model: autocast's when it
+    is on for x's device, else x's. The rotary tables and the KV cache take it, so that under bf16
+    autocast fp32 tables do not promote q and k to fp32 beside a bf16 v (flash-attn takes only
+    matching fp16 / bf16 q, k, v)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def apply_rotary(x, cos, sin):
@@ -451,7 +461,7 @@ class PaLM(nn.Module):
                 o=LoRA(attn_inner, c.dim, lora_r, lora_alpha),
             ))
             for _ in self.layers
-        ).to(self.device)
+        ).to(device=self.device, dtype=self.token_emb.weight.dtype)  # a bf16 model gets bf16 adapters
         self.config.finetune_scopes[scope] = {"lora_r": lora_r, "lora_alpha": lora_alpha}
 
     def remove_finetune_params(self, scope: str):
@@ -558,7 +568,7 @@ class PaLM(nn.Module):
         if cache is not None:
             rotary = cache.rotary(positions)
         else:
-            rotary = rotary_tables(positions, self.config.dim_head, self.xpos_scale_base, h.dtype)
+            rotary = rotary_tables(positions, self.config.dim_head, self.xpos_scale_base, activation_dtype(h))
         for i, (layer, lora) in enumerate(self._layers_and_adapters(finetune_scope, disable_lora)):
             h = layer(h, rotary, attn_mask, self.attn_backend, lora=lora, cache=cache, layer=i)
         if cache is not None:
@@ -651,7 +661,7 @@ class PaLM(nn.Module):
         cache = None
         if use_cache:
             cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device,
-                            self.token_emb.weight.dtype, self.xpos_scale_base)
+                            activation_dtype(self.token_emb.weight), self.xpos_scale_base)
             logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
             if num_samples_per_prompt > 1:
                 cache.repeat_interleave(num_samples_per_prompt)
@@ -717,9 +727,11 @@ class PaLM(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path, state_dict: dict | None = None):
         """Safetensors weights with the config in their metadata. A directory gets model.safetensors
-        and a readable config.json (what `from_pretrained` reads); a file path gets one file."""
+        and a readable config.json (what `from_pretrained` reads); a file path gets one file.
+        `state_dict`: the weights to write instead of this module's own, e.g. the full state dict
+        that `accelerator.get_state_dict` gathers from the shards of FSDP or ZeRO-3."""
         path = Path(path)
         config_json = json.dumps(asdict(self.config))
         if path.suffix not in (".safetensors", ".pt", ".bin"):
@@ -728,7 +740,10 @@ class PaLM(nn.Module):
             path = path / "model.safetensors"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(path), metadata={"palm_config": config_json})
+        if state_dict is None:
+            save_model(self, str(path), metadata={"palm_config": config_json})
+        else:
+            save_state_dict(state_dict, path, metadata={"palm_config": config_json})
 
     def load(self, path, strict: bool = True):
         """Loads weights saved by `save` into this model; a checkpoint of another shape fails with a
@@ -760,6 +775,18 @@ class PaLM(nn.Module):
         known = {f.name for f in fields(PaLMConfig)}
         model = cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
         return model.load(path)
+
+
+def save_state_dict(state_dict: dict, path, metadata: dict | None = None):
+    """Writes a state dict as safetensors with each shared tensor (the tied embedding) stored once,
+    as safetensors' save_model does for a module; its load_model fills in the other names."""
+    stored, unique = set(), {}
+    for name, tensor in state_dict.items():
+        where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where not in stored:
+            stored.add(where)
+            unique[name] = tensor.detach().contiguous()
+    save_file(unique, str(path), metadata=metadata)
 
 
 SHAPE_FIELDS = ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "tie_embedding")

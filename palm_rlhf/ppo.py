@@ -35,6 +35,8 @@ Where this departs from InstructGPT / Ziegler et al.:
        critic gradients are clipped separately.
     9. Dropout is off in rollouts and updates alike (the PaLM keeps its rates for LM training), so
        the first ratio is exactly 1 and the reference log-probs carry no dropout noise.
+   10. On several processes, each samples its own rollout and whitens its advantages over it (not
+       over all processes' rollouts); the gradients are averaged over processes.
 """
 import copy
 import math
@@ -333,13 +335,16 @@ class PolicyTrainer:
     policy as a plain PaLM. A subclass adds its scopes, its optimizer and `step`."""
 
     def __init__(self, *, palm: PaLM, reward_model, reward_fn, prompt_token_ids, prompts, tokenizer, actor_scope: str,
-                 accelerator: Accelerator | None, accelerate_kwargs: dict | None = None,
+                 seed: int, accelerator: Accelerator | None, accelerate_kwargs: dict | None = None,
                  prompt_pad_id: int | None = None):
         """tokenizer: by default the byte tokenizer for the byte vocabulary, none for another (token-id
         prompts, and no EOS unless `train(eos_token=)` names one). prompt_pad_id: the id stripped
         from a padded prompt_token_ids tensor (default palm.pad_id)."""
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("pass exactly one of reward_model or reward_fn")
+        # iteration i draws its prompts and samples from (seed, i, process index): each process its
+        # own, and a resumed run (which sets `iteration`) draws what an uninterrupted one would
+        self.seed, self.iteration = seed, 0
         self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
         self.tokenizer = tokenizer or (ByteTokenizer() if palm.num_tokens == NUM_TOKENS else None)
         self.eos_id = None if self.tokenizer is None else self.tokenizer.eos_id  # where sampled responses end
@@ -360,6 +365,14 @@ class PolicyTrainer:
             if scope not in self.palm.finetune_modules:
                 self.palm.add_finetune_params(scope, lora_r=r)
         self.palm.finetune_only(*scopes)
+
+    def draw_prompts(self, num_prompts: int):
+        """This iteration's `num_prompts` prompts, drawn with replacement, and the generator of its
+        samples, both seeded from (seed, iteration, process index); advances `iteration`."""
+        seed = np.random.SeedSequence([self.seed, self.iteration, self.accelerator.process_index]).generate_state(1)[0]
+        self.iteration += 1
+        index = torch.randint(len(self.prompts), (num_prompts,), generator=torch.Generator().manual_seed(int(seed)))
+        return [self.prompts[i] for i in index.tolist()], torch.Generator(self.device).manual_seed(int(seed))
 
     def score(self, seq, mask, start: int) -> torch.Tensor:
         """The reward model's (or reward_fn's) score of each sequence, whose response starts at `start`: (b,)."""
@@ -403,7 +416,9 @@ class PolicyTrainer:
         return (seq[:, start:] == self.eos_id).any(dim=1)
 
     def reduce_stats(self, stats: dict) -> dict:
-        """Each diagnostic averaged over processes, so every process sees the same values."""
+        """Each diagnostic averaged over processes, so every process sees the same values. Every
+        process samples the same number of responses, so a mean over responses (score, KL, length)
+        is the mean over all of them; a mean over tokens is the mean of the processes' means."""
         return {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean")) for k, v in stats.items()}
 
     def run_iterations(self, iterations: int, desc: str, callback=None, **step_kwargs) -> list[dict]:
@@ -491,13 +506,14 @@ class RLHFTrainer(PolicyTrainer):
         missing_eos_penalty: float | None = None,
         rollout_memmap_dir: str | Path | None = None,
         prompt_pad_id: int | None = None,
+        seed: int = 0,
         accelerator: Accelerator | None = None,
         accelerate_kwargs: dict | None = None,
     ):
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fails early on an unknown name
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
-                         prompts=prompts, tokenizer=tokenizer, actor_scope=actor_lora_scope, accelerator=accelerator,
-                         accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
+                         prompts=prompts, tokenizer=tokenizer, actor_scope=actor_lora_scope, seed=seed,
+                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
         self.kl = KLController(beta, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.eps_clip, self.value_clip, self.vf_coef, self.entropy_coef = eps_clip, value_clip, vf_coef, entropy_coef
@@ -524,12 +540,12 @@ class RLHFTrainer(PolicyTrainer):
         return self.accelerator.unwrap_model(self.actor_critic)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0):
-        """Steps 1-4 for a batch of prompts -> (Rollout, diagnostics)."""
+    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, generator=None):
+        """Steps 1-4 for a batch of prompts (sampled with `generator`) -> (Rollout, diagnostics)."""
         check_temperature(temperature)
         self.actor_critic.eval()
         # 1. sample; log-probs recomputed by a forward pass so the first PPO ratio is exactly 1
-        seq, mask, start = self.sample(prompts, max_seq_len, temperature)
+        seq, mask, start = self.sample(prompts, max_seq_len, temperature, generator=generator)
         resp_mask = mask[:, start:]  # (b, r)
         with self.accelerator.autocast():
             log_probs, entropy, values = self.unwrapped(seq, mask, start, temperature)  # 3. values too
@@ -575,8 +591,11 @@ class RLHFTrainer(PolicyTrainer):
                 loss = policy_loss + self.vf_coef * value_loss - self.entropy_coef * entropy
                 self.accelerator.backward(loss)
                 if self.max_norm is not None:
-                    self.accelerator.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
-                    self.accelerator.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
+                    # unscaled once (fp16's GradScaler refuses a second unscale_ of one optimizer
+                    # before its step), then actor and critic clipped separately
+                    self.accelerator.unscale_gradients(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
+                    torch.nn.utils.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
@@ -588,13 +607,14 @@ class RLHFTrainer(PolicyTrainer):
         return {name: total / count for name, total in totals.items()}
 
     def step(self, max_seq_len: int, rollout_batch_size: int = 16, temperature: float = 1.0):
-        """One PPO iteration on randomly drawn prompts -> (diagnostics, rollout)."""
-        index = torch.randint(len(self.prompts), (rollout_batch_size,)).tolist()
-        rollout, stats = self.rollout([self.prompts[i] for i in index], max_seq_len, temperature)
+        """One PPO iteration on `rollout_batch_size` prompts drawn for this process -> (diagnostics, rollout)."""
+        prompts, generator = self.draw_prompts(rollout_batch_size)
+        rollout, stats = self.rollout(prompts, max_seq_len, temperature, generator=generator)
         if self.rollout_memmap_dir is not None:
             rollout = memmap_rollout(rollout, self.rollout_memmap_dir)
         stats.update(self.learn(rollout))
-        # every process sees the same diagnostics, so beta stays the same everywhere
+        # every process sees the same diagnostics, so beta stays the same everywhere; each process
+        # drew its own episodes, so the controller counts those of all of them
         stats = self.reduce_stats(stats)
         self.kl.update(stats["kl"], rollout_batch_size * self.accelerator.num_processes)
         return stats, rollout

@@ -18,6 +18,7 @@ from palm_rlhf.training import (
     GracefulStop,
     MetricsLogger,
     check_finite,
+    check_in_sync,
     checkpoint_exists,
     init_trackers,
     load_checkpoint,
@@ -93,7 +94,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
     """The loop of an RL script, for `cfg.iterations` calls of `step() -> (stats, rollout)`:
 
     resume from out_dir/checkpoint (`model` and trainer.optimizer; `restore_state(extra)` gets back
-    what `extra_state()` saved); evaluate the LM (best-of-N on `eval_prompts`); log every
+    what `extra_state()` saved, and trainer.iteration is set to the iteration resumed at); evaluate the LM (best-of-N on `eval_prompts`); log every
     iteration's stats and its rollouts' VADER to metrics.csv; save a checkpoint every
     cfg.checkpoint_every iterations and on Ctrl-C; then evaluate the tuned policy, save it merged to
     out_dir/final, plot `plot_panels` to out_dir/<stage>.png and print the before/after table.
@@ -106,6 +107,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
             raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=trainer.optimizer)
         start, before = state["step"], {int(n): v for n, v in state["extra"]["before"].items()}
+        trainer.iteration = start  # iteration `start` draws its prompts and samples as it would have
         if restore_state is not None:
             restore_state(state["extra"])
         accelerator.print(f"resumed at iteration {start}")
@@ -128,7 +130,9 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
         stats, rollout = step()
         check_finite(sum(v for k, v in stats.items() if k.endswith("loss")), iteration,
                      hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
-        metrics.log(iteration + 1, **stats, vader=mean_vader(rollout.responses(trainer.tokenizer)))
+        # each process's responses are its own: their VADER is averaged over processes (equal counts)
+        vader = accelerator.reduce(torch.tensor(mean_vader(rollout.responses(trainer.tokenizer)), device=accelerator.device), "mean")
+        metrics.log(iteration + 1, **stats, vader=vader)
         progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl", "response_length") if k in stats})
         done = iteration + 1
         if stop.requested_on_any(accelerator):
@@ -138,6 +142,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
         if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
             save(done)
 
+    check_in_sync(accelerator, model)
     save(cfg.iterations)
     after = evaluate(trainer, eval_prompts, cfg)
     metrics.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel, gather_object, set_seed  # noqa: F401
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
+
+from palm_rlhf.palm import save_state_dict
 
 # set_seed(seed) is accelerate's: it seeds python, numpy and torch (and CUDA) in one call.
 
@@ -130,16 +132,18 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
 
     Call it on every process: each contributes its RNG state, only the main process writes, and
     all return once the checkpoint is complete. `accelerator=None` means a single process.
-    Made for a single process or DDP, where the main process holds the whole model and optimizer.
+    The weights are gathered whole (FSDP, ZeRO-3); the optimizer state is the main process's, which
+    is the whole of it for a single process or DDP only.
     """
     directory = Path(directory)
     state = accelerator or PartialState()
     rng_states = gather_object([_rng_state()])  # one per process, so each resumes its own stream
+    weights = full_state_dict(accelerator, model)
     if state.is_main_process:
         temporary = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        save_model(extract_model_from_parallel(model), str(temporary / "model.safetensors"))
+        save_state_dict(weights, temporary / "model.safetensors")
         (temporary / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         trainer_state = dict(
             step=step,
@@ -152,6 +156,14 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
         _swap_in(temporary, directory)
     state.wait_for_everyone()
     return directory
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The unwrapped model's whole state dict. Call it on every process: under FSDP or ZeRO-3 it
+    gathers the shards (Accelerate's get_state_dict), so only the main process's copy is complete."""
+    if accelerator is None:
+        return extract_model_from_parallel(model).state_dict()
+    return accelerator.get_state_dict(model)
 
 
 def _swap_in(temporary: Path, directory: Path) -> None:
@@ -195,6 +207,17 @@ def load_checkpoint(directory, *, model, optimizer=None, scheduler=None) -> dict
     rng_states = trainer_state["rng"]
     _set_rng_state(rng_states[PartialState().process_index % len(rng_states)])
     return dict(step=trainer_state["step"], extra=trainer_state["extra"])
+
+
+def check_in_sync(accelerator, model) -> None:
+    """Raises RuntimeError if the processes' copies of `model` differ (a sum of its parameters,
+    gathered from every process), else prints that they agree. Call it on every process: with
+    data parallelism every copy must stay the same, and a process that drifted is a silent bug."""
+    checksum = sum(float(p.detach().double().sum()) for p in extract_model_from_parallel(model).parameters())
+    checksums = gather_object([checksum])
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"parameters differ across processes: {checksums}")
+    accelerator.print(f"parameters identical across {accelerator.num_processes} process(es)")
 
 
 def check_finite(loss, step: int, hint: str = None) -> None:

@@ -89,3 +89,11 @@ def test_scopes_are_switched_per_call_and_errors_name_the_known_scopes():
         palm.add_finetune_params("actor")
     with pytest.raises(ValueError, match="last_n_layers"):
         palm.add_finetune_params("deep", last_n_layers=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_added_to_a_half_precision_model_take_its_dtype(dtype):
+    palm = tiny().to(dtype)
+    palm.add_finetune_params("tuned", lora_r=4)
+    assert {p.dtype for p in palm.finetune_parameters("tuned")} == {dtype}
+    assert palm(torch.randint(0, 256, (1, 6)), finetune_scope="tuned").dtype == dtype

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf import palm as palm_module
 from palm_rlhf.palm import attention_mask, top_k_top_p_filter
 from palm_rlhf.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
 
@@ -265,3 +266,28 @@ def test_flash_attn_without_cuda_falls_back_and_says_so_once(recwarn):
     assert first.attn_backend == "sdpa"
     assert sum("flash_attn=True" in str(w.message) for w in recwarn) == 1
     first(torch.randint(0, 256, (1, 5)))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_under_bf16_autocast_attention_gets_q_k_v_of_one_dtype(palm, backend, monkeypatch):
+    # fp32 rotary tables used to promote q and k to fp32 beside a bf16 v, which flash-attn refuses
+    seen = []
+
+    def recording(attend):
+        def wrapper(q, k, v, *args):
+            seen.append((q.dtype, k.dtype, v.dtype))
+            return attend(q, k, v, *args)
+        return wrapper
+
+    for name, attend in palm_module.ATTEND.items():
+        monkeypatch.setitem(palm_module.ATTEND, name, recording(attend))
+    monkeypatch.setattr(palm_module, "attend_one_query", recording(palm_module.attend_one_query))
+    palm.attn_backend = backend
+    x = torch.randint(0, 256, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        palm(x)
+        palm(x, mask=mask)
+        palm.generate(12, prompt=x, prompt_mask=mask)  # the KV cache: a prefill, then one-query steps
+    assert len(seen) == palm.config.depth * (2 + 4) and set(seen) == {(torch.bfloat16,) * 3}

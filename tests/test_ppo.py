@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+from accelerate import Accelerator
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.ppo import (
@@ -190,9 +193,9 @@ def test_ppo_raises_the_reward_with_bounded_kl():
     assert all(h["kl"] < 20 for h in history)
 
 
-def test_gradient_clipping_runs_and_bounds_the_gradient_norm():
+def test_gradient_clipping_runs_and_bounds_the_gradient_norm(monkeypatch):
     t = trainer(max_norm=1e-3, actor_lr=1e-2)
-    clip = t.accelerator.clip_grad_norm_
+    clip = torch.nn.utils.clip_grad_norm_
     norms = []
 
     def spy(parameters, max_norm):
@@ -200,10 +203,26 @@ def test_gradient_clipping_runs_and_bounds_the_gradient_norm():
         clip(parameters, max_norm)
         norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
 
-    t.accelerator.clip_grad_norm_ = spy
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     t.step(max_seq_len=12, rollout_batch_size=8)
     assert len(norms) == 2 * t.epochs  # actor and critic, once per minibatch
     assert all(n <= 1e-3 * 1.01 for n in norms)
+
+
+def test_fp16_gradient_clipping_unscales_once_per_optimizer_step(monkeypatch):
+    # a CPU stand-in for CUDA fp16: Accelerate's GradScaler path, whose unscale_ raises when called
+    # twice on one optimizer before its step (as clipping actor and critic by two
+    # accelerator.clip_grad_norm_ calls did)
+    accelerator = Accelerator(cpu=True)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    t = trainer(max_norm=1.0, accelerator=accelerator)
+    unscale = accelerator.scaler.unscale_
+    calls = []
+    monkeypatch.setattr(accelerator.scaler, "unscale_", lambda optimizer: calls.append(1) or unscale(optimizer))
+    stats, _ = t.step(max_seq_len=12, rollout_batch_size=8)
+    assert len(calls) == t.epochs  # one minibatch per epoch, one unscale each
+    assert all(math.isfinite(v) for v in stats.values())
 
 
 def test_best_of_n_returns_the_highest_scoring_sample():

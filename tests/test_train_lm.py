@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import accelerate_launch
 
 from palm_rlhf import PaLM
 from palm_rlhf.training import read_metrics
@@ -90,13 +90,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 
 
 def test_two_processes_train_in_sync(tmp_path):
-    # `accelerate launch --cpu` starts one process unless MPI is set up; torchrun's launcher with
-    # ACCELERATE_USE_CPU gives two gloo processes
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_lm.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    out = subprocess.run([*launch, *train_args(tmp_path, "ddp", "--steps", "4")], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=300)
+    out = accelerate_launch(ROOT / "train_lm.py", *train_args(tmp_path, "ddp", "--steps", "4"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters identical across 2 process(es)" in out.stdout
     PaLM.from_pretrained(tmp_path / "ddp" / "final")
