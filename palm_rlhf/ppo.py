@@ -399,7 +399,9 @@ class PolicyTrainer:
         (each prompt encoded once, its KV cache shared): seq, mask (b * G, n) (prompt left-padded,
         response right-padded after its EOS) and the response start."""
         prompt, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.palm.pad_id))
-        tokens = self.palm.generate(max_seq_len, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
+        # max_seq_len counts the left-padded prompt; a batch whose longest prompt fills it still gets
+        # one new token per response (as PaLM-rlhf-pytorch), rather than generate's error
+        tokens = self.palm.generate(max(max_seq_len, prompt.shape[1] + 1), prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
                                     eos_token=self.eos_id, finetune_scope=self.actor_scope,
                                     num_samples_per_prompt=group_size, **sampling)
         prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
