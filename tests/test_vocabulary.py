@@ -40,7 +40,7 @@ def test_lm_loss_ignores_the_pad_and_counts_token_256():
 
 def test_reward_model_pads_with_the_pad_and_reads_token_256():
     palm = model()
-    reward_model = RewardModel(palm, num_binned_output=5)
+    reward_model = RewardModel(palm, num_binned_output=5).eval()  # no dropout on the pooled embedding
     with torch.no_grad():
         reward_model.to_pred.weight.normal_()  # a head that is not ~0, so the tokens read show
         seq = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 256, 256]])
