@@ -14,7 +14,7 @@ which the training scripts keep out of RL) with `--samples` responses each, samp
 - KL(policy || LM) per response, estimated on the policy's own samples: sum_t log pi - log pi_LM;
   for best-of-N, the analytic bound log N - (N - 1) / N (Stiennon et al. 2020, appendix G.3);
 - fluency: the LM's bits per byte on the responses; diversity: distinct-2 (unique word bigrams over
-  all bigrams); the share of responses that end with EOS; the mean length in bytes.
+  all bigrams); the share of responses that end with EOS; the mean length in bytes of text.
 
 Best-of-N is computed from `max(best_of)` LM samples per prompt, cut into disjoint groups of N, each
 group giving one pick: picked by the reward model (what RL can reach by optimising it) and by VADER
@@ -34,7 +34,6 @@ from palm_rlhf import PaLM
 from palm_rlhf.data import review_prompts, vader_compound
 from palm_rlhf.dpo import pack_sequences, sequence_log_probs
 from palm_rlhf.reward import RewardModel
-from palm_rlhf.tokenizer import EOS_ID, ByteTokenizer
 from palm_rlhf.training import parse_config, set_seed
 
 METRICS = ("vader", "win_rate", "rm_score", "kl", "bits_per_byte", "distinct_2", "eos_rate", "length")
@@ -51,7 +50,7 @@ class EvaluateConfig:
     samples: int = field(default=4, metadata={"help": "responses per prompt and policy"})
     best_of: str = field(default="1,2,4,8,16,32,64", metadata={"help": "N of best-of-N from the LM's samples (empty: none)"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out snippet used as its prompt"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response bytes, as in training"})
+    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens, as in training"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every policy"})
     batch_size: int = field(default=256, metadata={"help": "sequences per generation or scoring batch"})
     out_dir: str = field(default="runs/eval", metadata={"help": "where frontier.csv and frontier.png go"})
@@ -123,10 +122,11 @@ def sample_responses(palm: PaLM, heads: list, num_samples: int, cfg, seed: int) 
     for start in tqdm(range(0, len(repeated), cfg.batch_size), desc="sampling", leave=False):
         batch = repeated[start : start + cfg.batch_size]
         seq_len = max(len(p) for p in batch) + cfg.max_seq_len - min(len(p) for p in batch)
-        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=EOS_ID, generator=generator)
+        eos = palm.tokenizer.eos_id
+        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=eos, generator=generator)
         for prompt, row in zip(batch, tokens.tolist()):  # every prompt gets max_seq_len - len(prompt) new tokens
             row = row[: cfg.max_seq_len - len(prompt)]
-            responses.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
+            responses.append(row[: row.index(eos) + 1] if eos in row else row)
     return responses
 
 
@@ -135,7 +135,7 @@ def response_log_probs(palm: PaLM, heads: list, tails: list, batch_size: int) ->
     """Summed log-prob of each tail given its head under `palm` at temperature 1: (len(tails),)."""
     out = []
     for start in range(0, len(tails), batch_size):
-        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + batch_size], tails[start : start + batch_size]))
+        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + batch_size], tails[start : start + batch_size], palm.pad_id))
         out.append(sequence_log_probs(palm, seq, mask, response_mask).cpu())
     return torch.cat(out).numpy()
 
@@ -146,13 +146,12 @@ def reward_scores(reward_model: RewardModel, heads: list, tails: list, batch_siz
     out = []
     for start in range(0, len(tails), batch_size):
         h, t = heads[start : start + batch_size], tails[start : start + batch_size]
-        seq, mask, response_mask = (x.to(reward_model.palm.device) for x in pack_sequences(h, t))
+        seq, mask, response_mask = (x.to(reward_model.palm.device) for x in pack_sequences(h, t, reward_model.palm.pad_id))
         out.append(reward_model.score(seq, prompt_mask=mask & ~response_mask, mask=mask).float().cpu())
     return torch.cat(out).numpy()
 
 
-def response_texts(tails: list) -> list:
-    tokenizer = ByteTokenizer()
+def response_texts(tails: list, tokenizer) -> list:
     return [tokenizer.decode(t) for t in tails]
 
 
@@ -177,15 +176,17 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
     baseline's VADER (P, k), the KL the policy that sampled `tails`."""
     shape = (len(heads), num_samples)
     repeated_heads = [h for h in heads for _ in range(num_samples)]
-    texts = response_texts(tails)
+    texts = response_texts(tails, lm.tokenizer)
     lm_log_probs = response_log_probs(lm, repeated_heads, tails, cfg.batch_size)
-    num_bytes = np.array([max(1, len(t)) for t in tails], dtype=np.float64)
+    ended = np.array([float(bool(t) and t[-1] == lm.tokenizer.eos_id) for t in tails])
+    text_bytes = np.array([len(text.encode("utf-8")) for text in texts], dtype=np.float64)
+    num_bytes = np.maximum(1, text_bytes + ended)  # the EOS counts as a byte, as in the byte vocabulary
     per_response = dict(
         vader=np.array(vader_compound(texts)).reshape(shape),
         rm_score=reward_scores(reward_model, repeated_heads, tails, cfg.batch_size).reshape(shape),
         bits_per_byte=(-lm_log_probs / num_bytes / math.log(2)).reshape(shape),
-        eos_rate=np.array([float(bool(t) and t[-1] == EOS_ID) for t in tails]).reshape(shape),
-        length=np.array([len(t) - (bool(t) and t[-1] == EOS_ID) for t in tails], dtype=np.float64).reshape(shape),
+        eos_rate=ended.reshape(shape),
+        length=text_bytes.reshape(shape),
     )
     if baseline_vader is not None:
         per_response["win_rate"] = win_rate(per_response["vader"], baseline_vader)
@@ -195,11 +196,11 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
     return per_response
 
 
-def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray) -> list:
+def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray, tokenizer) -> list:
     """Rows for best-of-N picked by the reward model and by VADER from a pool of the LM's samples
     (P, K); each pick's win rate is against the independent LM responses `lm_vader` (P, k)."""
     rows = []
-    texts = np.array(response_texts(pool_tails), dtype=object).reshape(per_response["vader"].shape)
+    texts = np.array(response_texts(pool_tails, tokenizer), dtype=object).reshape(per_response["vader"].shape)
     for picker in ("rm_score", "vader"):
         for n in best_of:
             index = best_of_n_index(per_response[picker], n)  # (P, K // n)
@@ -276,9 +277,9 @@ def evaluate(cfg: EvaluateConfig) -> list:
     if cfg.num_prompts > len(texts) or cfg.samples < 1:
         raise SystemExit(f"--num_prompts must be at most {len(texts)} and --samples at least 1")
     set_seed(cfg.seed)
-    tokenizer = ByteTokenizer()
-    heads = [[EOS_ID] + tokenizer.encode(t).tolist() for t in texts[-cfg.num_prompts :]]
     lm = PaLM.from_pretrained(cfg.lm_checkpoint).eval()
+    tokenizer = lm.tokenizer
+    heads = [[tokenizer.eos_id] + tokenizer.encode(t).tolist() for t in texts[-cfg.num_prompts :]]
     reward_model = RewardModel.from_pretrained(cfg.reward_checkpoint).eval()
 
     # the LM's responses, the baseline of every win rate, and an independent pool for best-of-N (and
@@ -290,13 +291,13 @@ def evaluate(cfg: EvaluateConfig) -> list:
     lm_metrics = measure(heads, lm_tails, cfg.samples, lm, reward_model, cfg, baseline_vader=pool["vader"][:, : cfg.samples])
     lm_vader = lm_metrics["vader"]
     rows = [dict(summarize("LM", lm_metrics, kl=0.0), method="LM")]
-    rows += best_of_n_rows(pool_tails, pool, best_of, lm_vader)
+    rows += best_of_n_rows(pool_tails, pool, best_of, lm_vader, tokenizer)
     for name, method, path in policies:
         policy = PaLM.from_pretrained(path).eval()
         tails = sample_responses(policy, heads, cfg.samples, cfg, cfg.seed + 1)
         per_response = measure(heads, tails, cfg.samples, lm, reward_model, cfg, baseline_vader=lm_vader, policy=policy)
         rows.append(dict(summarize(name, per_response), method=method))
-        print(f"{name}: VADER {rows[-1]['vader']:+.3f}, KL {rows[-1]['kl']:.2f}; e.g. {texts[-cfg.num_prompts] + response_texts(tails[:1])[0]!r}")
+        print(f"{name}: VADER {rows[-1]['vader']:+.3f}, KL {rows[-1]['kl']:.2f}; e.g. {texts[-cfg.num_prompts] + response_texts(tails[:1], tokenizer)[0]!r}")
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from palm_rlhf import EOS_ID, ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.data import (
     PAIR_KEYS,
     RATING_KEYS,
@@ -74,13 +74,13 @@ class TrainDPOConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the adapters"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    max_len: int = field(default=320, metadata={"help": "longest sequence in bytes (longer responses are cut)"})
+    max_len: int = field(default=320, metadata={"help": "longest sequence in tokens (bytes with the byte tokenizer; longer responses are cut)"})
     precompute_ref: bool = field(default=False, metadata={"help": "compute the reference log-probs of all training data once, not per batch"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
     num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts (the last N; 32 = train_ppo.py's) sampled before and after training"})
-    gen_len: int = field(default=72, metadata={"help": "bytes sampled per prompt (with the ~24-byte prompts, train_ppo.py's 96 in all)"})
+    gen_len: int = field(default=72, metadata={"help": "tokens sampled per prompt (bytes with the byte tokenizer: with the ~24-byte prompts, train_ppo.py's 96 in all)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the before/after generations"})
     out_dir: str = field(default="runs/dpo", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot, summary.json"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
@@ -132,14 +132,14 @@ def load_palm(cfg) -> PaLM:
 @torch.no_grad()
 def sample_generations(palm, prompts: list, cfg, batch_size: int = 64, **scope):
     """Samples a response to each prompt at one fixed seed: (prompt token lists, response token lists)."""
-    tokenizer = ByteTokenizer()
+    tokenizer = palm.tokenizer
     generator = torch.Generator(device=palm.device).manual_seed(cfg.seed)
-    heads = [[EOS_ID] + tokenizer.encode(p).tolist() for p in prompts]
+    heads = [[tokenizer.eos_id] + tokenizer.encode(p).tolist() for p in prompts]
     tails = []
     for start in range(0, len(heads), batch_size):
         batch = [torch.tensor(h) for h in heads[start : start + batch_size]]
         seq_len = max(len(h) for h in batch) + cfg.gen_len
-        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=EOS_ID,
+        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=tokenizer.eos_id,
                                generator=generator, **scope)
         # keep each response up to its first EOS, included (generate pads after it)
         tails += [[t for t in row if t != palm.pad_id] for row in tokens.tolist()]
@@ -150,7 +150,7 @@ def generation_report(palm, scope: str, cfg) -> dict:
     """VADER sentiment of the responses sampled from the reference (adapters off) and the policy, and
     the policy's exact KL to the reference on its own samples. As in train_ppo.py: the last prompts
     of the held-out split, and VADER scores the response alone, not the prompt."""
-    tokenizer = ByteTokenizer()
+    tokenizer = palm.tokenizer
     prompts = review_prompts()[-cfg.num_eval_prompts :]
     report = {}
     for name, scope_args in (("before", dict(disable_lora=True)), ("after", dict(finetune_scope=scope))):
@@ -160,7 +160,7 @@ def generation_report(palm, scope: str, cfg) -> dict:
         report[f"sample_{name}"] = prompts[0] + responses[0]
     per_token, per_response = [], []
     for start in range(0, len(heads), 64):
-        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + 64], tails[start : start + 64]))
+        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + 64], tails[start : start + 64], palm.pad_id))
         token_kl, response_kl = reference_kl(palm, seq, mask, response_mask, scope)
         per_token.append((token_kl, int(response_mask.sum())))
         per_response.append((response_kl, len(seq)))

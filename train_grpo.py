@@ -17,7 +17,6 @@ from accelerate import Accelerator
 
 from palm_rlhf.grpo import GRPOTrainer, check_options
 from palm_rlhf.rl_stage import load_models, run_rl_stage, split_prompts
-from palm_rlhf.tokenizer import ByteTokenizer
 from palm_rlhf.training import available_trackers, parse_config, set_seed
 
 
@@ -35,7 +34,7 @@ class TrainGRPOConfig:
     iterations: int = field(default=50, metadata={"help": "iterations (rollouts of prompts_per_step x group_size + updates)"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per update"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response bytes (most review snippets end well within 128)"})
+    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens (bytes with the byte tokenizer: most review snippets end well within 128)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the policy's LoRA"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy"})
@@ -63,7 +62,7 @@ def train(cfg: TrainGRPOConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=cfg.out_dir)
     set_seed(cfg.seed)
     palm, reward_model = load_models(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = palm.tokenizer  # saved with the LM: bytes, or the BPE it was trained with
     train_prompts, eval_prompts = split_prompts(cfg, tokenizer, palm.pad_id)
     trainer = GRPOTrainer(
         palm=palm, reward_model=reward_model, prompts=train_prompts, tokenizer=tokenizer,

@@ -5,8 +5,11 @@
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_lm.py  # 2 CPU processes (gloo)
     python train_lm.py --resume                       # continue a killed run where it stopped
 
-Leaves runs/lm/final (PaLM.from_pretrained), which train_reward.py, train_ppo.py and train_dpo.py
-load. Byte-level tokens; validation bits per byte count the EOS separating documents as a byte.
+    python train_lm.py --tokenizer bpe --vocab_size 4096  # byte-level BPE learnt from the corpus first
+
+Leaves runs/lm/final (PaLM.from_pretrained, with its tokenizer.json), which train_reward.py,
+train_ppo.py and train_dpo.py load. Validation bits per byte are comparable across tokenizers
+(the loss per token divided by the bytes of text per token); the EOS between documents counts as a byte.
 """
 import math
 import sys
@@ -18,8 +21,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from palm_rlhf import EOS_ID, ByteTokenizer, PaLM, PaLMConfig
-from palm_rlhf.data import DEFAULT_CORPUS, TokenWindows, corpus_token_file
+from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.data import DEFAULT_CORPUS, TokenWindows, bytes_per_token, corpus_token_file, load_corpus
+from palm_rlhf.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
 from palm_rlhf.training import (
     GracefulStop,
     MetricsLogger,
@@ -42,9 +46,11 @@ from palm_rlhf.training import (
 class TrainLMConfig:
     """Pretrain PaLM on real text shipped offline; checkpoints resume; metrics go to CSV and a plot."""
 
-    corpus: str = field(default=DEFAULT_CORPUS, metadata={"help": "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews) or a .txt/.jsonl path"})
+    corpus: str = field(default=DEFAULT_CORPUS, metadata={"help": "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews), a .txt/.jsonl path or a folder of .txt files"})
+    tokenizer: str = field(default="bytes", metadata={"help": "bytes, bpe (learnt from the corpus' train split, --vocab_size ids), gpt2, or a tokenizer.json / model folder / folder with vocab.json + merges.txt"})
+    vocab_size: int = field(default=4096, metadata={"help": "ids of a --tokenizer bpe, PAD and EOS included"})
     preset: str = field(default="small", metadata={"help": "model size: tiny, small, base, medium, large"})
-    seq_len: int = field(default=256, metadata={"help": "tokens (bytes) per training window"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training window"})
     batch_size: int = field(default=16, metadata={"help": "windows per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     steps: int = field(default=800, metadata={"help": "optimizer steps"})
@@ -58,12 +64,27 @@ class TrainLMConfig:
     eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     sample_every: int = field(default=200, metadata={"help": "steps between generated samples"})
     sample_prompt: str = field(default="The movie is", metadata={"help": "prompt of the logged samples"})
-    sample_len: int = field(default=160, metadata={"help": "bytes per logged sample, prompt included"})
+    sample_len: int = field(default=160, metadata={"help": "tokens per logged sample, prompt included"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     out_dir: str = field(default="runs/lm", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
     seed: int = field(default=0, metadata={"help": "seed for weights, data windows and sampling"})
     cache_dir: str | None = field(default=None, metadata={"help": "where token files are cached (default ~/.cache/palm_rlhf)"})
+
+
+def build_tokenizer(cfg, out_dir: Path, is_main_process: bool):
+    """--tokenizer as an object. A BPE is learnt once, by the main process, and kept in out_dir so the
+    other processes and a --resume read the same one."""
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    if cfg.tokenizer != "bpe":
+        return load_tokenizer(cfg.tokenizer)
+    saved = out_dir / TOKENIZER_FILE
+    if not is_main_process or (cfg.resume and saved.exists()):
+        return load_tokenizer(saved)
+    tokenizer = train_bpe(load_corpus(cfg.corpus)["train"], cfg.vocab_size)
+    tokenizer.save(out_dir)
+    return tokenizer
 
 
 def evaluate(palm, windows, cfg, accelerator) -> float:
@@ -79,9 +100,9 @@ def evaluate(palm, windows, cfg, accelerator) -> float:
 
 
 def sample_text(palm, cfg, tokenizer) -> str:
-    prompt = torch.cat((torch.tensor([EOS_ID]), tokenizer.encode(cfg.sample_prompt)))
+    prompt = torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(cfg.sample_prompt)))
     generator = torch.Generator(device=palm.device).manual_seed(cfg.seed)
-    tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=EOS_ID,
+    tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=tokenizer.eos_id,
                            generator=generator)
     return cfg.sample_prompt + tokenizer.decode(tokens)
 
@@ -101,12 +122,18 @@ def train(cfg: TrainLMConfig):
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               log_with=available_trackers(), project_dir=str(out_dir))
     set_seed(cfg.seed)
-    tokenizer = ByteTokenizer()
-    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
-        train_windows = TokenWindows(corpus_token_file(cfg.corpus, "train", tokenizer, cfg.cache_dir), cfg.seq_len)
-        valid_windows = TokenWindows(corpus_token_file(cfg.corpus, "valid", tokenizer, cfg.cache_dir), cfg.seq_len)
+    try:
+        with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+            tokenizer = build_tokenizer(cfg, out_dir, accelerator.is_main_process)
+            train_windows = TokenWindows(corpus_token_file(cfg.corpus, "train", tokenizer, cfg.cache_dir), cfg.seq_len)
+            valid_file = corpus_token_file(cfg.corpus, "valid", tokenizer, cfg.cache_dir)
+            valid_windows = TokenWindows(valid_file, cfg.seq_len)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"train_lm.py: {error}") from None
+    valid_bytes_per_token = bytes_per_token(valid_file)
 
-    palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset, num_tokens=tokenizer.num_tokens))
+    palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset, num_tokens=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+    palm.tokenizer = tokenizer
     optimizer = build_optimizer(palm, cfg)
     # not handed to accelerator.prepare, which would step it once per process: the schedule counts
     # optimizer steps, whatever the number of processes
@@ -128,7 +155,8 @@ def train(cfg: TrainLMConfig):
                         extra=dict(train_config=asdict(cfg)))
 
     n_params = sum(p.numel() for p in unwrapped.parameters())
-    accelerator.print(f"PaLM {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_windows) / 1e6:.1f}M training tokens, "
+    accelerator.print(f"PaLM {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_windows) / 1e6:.1f}M training tokens "
+                      f"({tokenizer.vocab_size}-token {type(tokenizer).__name__}, {valid_bytes_per_token:.2f} bytes per token), "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_lm",
@@ -156,9 +184,10 @@ def train(cfg: TrainLMConfig):
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_loss = evaluate(palm, valid_windows, cfg, accelerator)
-            metrics.log(done, val_loss=val_loss, val_bpb=val_loss / math.log(2))
+            val_bpb = val_loss / math.log(2) / valid_bytes_per_token
+            metrics.log(done, val_loss=val_loss, val_bpb=val_bpb)
             if accelerator.is_main_process:
-                progress.write(f"step {done}: val loss {val_loss:.4f}, {val_loss / math.log(2):.3f} bits/byte")
+                progress.write(f"step {done}: val loss {val_loss:.4f}, {val_bpb:.3f} bits/byte")
         if accelerator.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
             progress.write(f"step {done} sample: {sample_text(unwrapped, cfg, tokenizer)!r}")
         if stop.requested_on_any(accelerator):

@@ -17,7 +17,6 @@ from accelerate import Accelerator
 
 from palm_rlhf.ppo import RLHFTrainer
 from palm_rlhf.rl_stage import load_models, run_rl_stage, split_prompts
-from palm_rlhf.tokenizer import ByteTokenizer
 from palm_rlhf.training import available_trackers, parse_config, set_seed
 
 
@@ -33,7 +32,7 @@ class TrainPPOConfig:
     rollout_batch_size: int = field(default=32, metadata={"help": "responses sampled per iteration and process"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per PPO update"})
     epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response bytes (most review snippets end well within 128)"})
+    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens (bytes with the byte tokenizer: most review snippets end well within 128)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     actor_lr: float = field(default=1e-3, metadata={"help": "learning rate of the actor's LoRA"})
     critic_lr: float = field(default=1e-3, metadata={"help": "learning rate of the critic's LoRA and value head"})
@@ -62,7 +61,7 @@ def train(cfg: TrainPPOConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=cfg.out_dir)
     set_seed(cfg.seed)
     palm, reward_model = load_models(cfg)
-    tokenizer = ByteTokenizer()
+    tokenizer = palm.tokenizer  # saved with the LM: bytes, or the BPE it was trained with
     train_prompts, eval_prompts = split_prompts(cfg, tokenizer, palm.pad_id)
     trainer = RLHFTrainer(
         palm=palm, reward_model=reward_model, prompts=train_prompts, tokenizer=tokenizer,

@@ -75,7 +75,7 @@ class TrainRewardConfig:
     finetune_last_n_layers: int | None = field(default=3, metadata={"help": "tune copies of the last N layers; 'none' tunes a LoRA scope of rank --lora_r instead"})
     pool: str = field(default="mean", metadata={"help": "where the score is read: mean (over all real tokens) or eos (the final EOS)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the pooled embedding before the head"})
-    max_len: int = field(default=256, metadata={"help": "bytes per sequence; longer responses are cut, EOS kept"})
+    max_len: int = field(default=256, metadata={"help": "tokens per sequence (bytes with the byte tokenizer); longer responses are cut, EOS kept"})
     truncate_prob: float = field(default=0.0, metadata={"help": "share of training responses cut after a random word, without the closing EOS (as RL's unfinished samples)"})
     corrupt_prob: float = field(default=0.0, metadata={"help": "pairwise mode on rated texts: share of a batch's texts also given as a corrupted copy ranked below its original"})
     batch_size: int = field(default=32, metadata={"help": "rated texts (or given pairs) per process per micro-batch"})
@@ -172,12 +172,12 @@ def load_data(cfg) -> dict:
     return data
 
 
-def collate(sides, max_len, device, ended=None) -> tuple:
-    """(prompt, response) pairs -> right-padded seq, prompt_mask, mask on `device`; `ended[i]` False
-    leaves out the closing EOS of side i."""
+def collate(sides, palm, max_len, device, ended=None) -> tuple:
+    """(prompt, response) pairs -> right-padded seq, prompt_mask, mask on `device`, in the tokens of
+    `palm`'s tokenizer; `ended[i]` False leaves out the closing EOS of side i."""
     ended = ended or [True] * len(sides)
-    encoded = [encode_reward_input(*side, max_len=max_len, ended=e) for side, e in zip(sides, ended)]
-    return tuple(t.to(device) for t in pad_right(*zip(*encoded)))
+    encoded = [encode_reward_input(*side, max_len=max_len, ended=e, tokenizer=palm.tokenizer) for side, e in zip(sides, ended)]
+    return tuple(t.to(device) for t in pad_right(*zip(*encoded), pad_id=palm.pad_id))
 
 
 def augmented_sides(batch, cfg, rng) -> tuple:
@@ -210,7 +210,7 @@ def head_outputs(model, sides, cfg, device) -> torch.Tensor:
     order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))  # less padding
     outputs = []
     for start in range(0, len(order), cfg.batch_size):
-        seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], cfg.max_len, device)
+        seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], model.palm, cfg.max_len, device)
         outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
     model.train(was_training)
     return torch.cat(outputs)[torch.tensor(order).argsort()]
@@ -283,22 +283,26 @@ def build_model(cfg) -> RewardModel:
     else:
         raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: no such folder; run train_lm.py first, "
                          "or pass --lm_checkpoint none to start from a fresh PaLM")
+    if palm.tokenizer is None:
+        raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: its {palm.num_tokens}-token vocabulary came without a "
+                         "tokenizer.json; save the LM with its tokenizer (palm.tokenizer = ...; palm.save(...))")
     return RewardModel(palm, num_binned_output=cfg.num_bins if cfg.mode == "binned" else 0, lora_r=cfg.lora_r,
                        finetune_last_n_layers=cfg.finetune_last_n_layers, dropout=cfg.dropout, pool=cfg.pool)
 
 
-def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
+def training_loss(model, palm, data, cfg, step, rank, device) -> torch.Tensor:
+    """`model`: the reward model as prepared by Accelerate; `palm`: its base, for the tokenizer."""
     rng = np.random.default_rng([cfg.seed, step, rank, 1])  # augmentation, reproducible like the batch
     if cfg.mode == "binned":
         batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
         sides, ended, _ = augmented_sides(batch, cfg, rng)
-        seq, prompt_mask, mask = collate(sides, cfg.max_len, device, ended)
+        seq, prompt_mask, mask = collate(sides, palm, cfg.max_len, device, ended)
         labels = torch.tensor([r["stars"] - 1 for r in batch], device=device)  # class indices 0..K-1
         return model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels)
     if data["train_ratings"]:  # every pair of the batch's rated texts at least --pair_margin apart
         batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
         sides, ended, corrupted = augmented_sides(batch, cfg, rng)
-        seq, prompt_mask, mask = collate(sides + corrupted, cfg.max_len, device, ended + ended[: len(corrupted)])
+        seq, prompt_mask, mask = collate(sides + corrupted, palm, cfg.max_len, device, ended + ended[: len(corrupted)])
         ratings = torch.tensor([float(r["mean"]) for r in batch], device=device)
         rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
         loss = all_pairs_bradley_terry_loss(rewards[: len(batch)], ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
@@ -307,7 +311,7 @@ def training_loss(model, data, cfg, step, rank, device) -> torch.Tensor:
         return loss
     batch = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank)
     # chosen and rejected in one forward pass, so DDP sees a single call
-    seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], cfg.max_len, device)
+    seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], palm, cfg.max_len, device)
     rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
     return bradley_terry_loss(*rewards.chunk(2), margin=cfg.loss_margin)
 
@@ -357,7 +361,8 @@ def train(cfg: TrainRewardConfig) -> dict:
     for step in progress:
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(model):
-                loss = training_loss(model, data, cfg, step * cfg.grad_accum + micro, accelerator.process_index, accelerator.device)
+                loss = training_loss(model, unwrapped.palm, data, cfg, step * cfg.grad_accum + micro, accelerator.process_index,
+                                     accelerator.device)
                 mean_loss = accelerator.reduce(loss.detach(), "mean")
                 check_finite(mean_loss, step, hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
                 accelerator.backward(loss)

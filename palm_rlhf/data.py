@@ -49,8 +49,13 @@ def package_dir(name: str) -> Path:
 
 def read_text(path) -> str:
     """Read a text file, dropping a UTF-8 byte-order mark and turning CRLF into LF."""
-    with open(path, encoding="utf-8-sig", newline=None) as file:
-        return file.read()
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 # text corpora
@@ -77,14 +82,29 @@ def _load_one_corpus(name: str) -> dict:
     path = Path(name).expanduser()
     if path.suffix == ".txt" and path.is_file():
         return _split_text_tail(read_text(path), valid_fraction=0.05)
+    if path.is_dir():
+        return _text_folder(path)
     if path.suffix == ".jsonl" and path.is_file():
         docs = [record["text"] for record in read_jsonl(path, required_keys=("text",))]
         num_valid = max(1, len(docs) // 20)
         return dict(train=docs[:-num_valid], valid=docs[-num_valid:])
     raise ValueError(
         f"unknown corpus {name!r}: expected one of {sorted(loaders)}, "
-        "an existing .txt or .jsonl file, or several joined with '+'"
+        "an existing .txt or .jsonl file, a folder of .txt files, or several joined with '+'"
     )
+
+
+def _text_folder(folder: Path) -> dict:
+    """Each .txt file under `folder` is a document; with 20 or more, every twentieth is valid, with
+    fewer, the last 5% of each."""
+    files = sorted(folder.rglob("*.txt"))
+    if not files:
+        raise ValueError(f"corpus folder {folder} holds no .txt files")
+    docs = [read_text(file) for file in files]
+    if len(docs) >= 20:
+        return _every_twentieth_is_valid(docs)
+    splits = [_split_text_tail(doc, valid_fraction=0.05) for doc in docs]
+    return dict(train=[d for split in splits for d in split["train"]], valid=[d for split in splits for d in split["valid"] if d])
 
 
 def _split_text_tail(text: str, valid_fraction: float) -> dict:
@@ -294,8 +314,12 @@ def read_jsonl(path, required_keys=()) -> list:
 
 def _numbered_records(path, required_keys):
     numbered = []
-    with open(path, encoding="utf-8-sig") as file:
-        for line_number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not UTF-8 text ({error.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -333,7 +357,8 @@ def read_pairs(path) -> list:
 
 
 def build_token_file(docs: list, path, tokenizer) -> Path:
-    """Write the token ids of `docs`, each followed by EOS, as a flat uint16 file.
+    """Write the token ids of `docs`, each followed by EOS, as a flat uint16 file, and beside it
+    (path + ".json") how many tokens and bytes of text it holds, for bits per byte.
 
     The file is written under a temporary name and renamed, so a reader never sees half of it and
     processes that build the same file at once do not corrupt it.
@@ -343,12 +368,24 @@ def build_token_file(docs: list, path, tokenizer) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    num_tokens = num_bytes = 0
     with open(temporary, "wb") as file:
         for doc in docs:
             ids = tokenizer.encode(doc, add_eos=True).numpy().astype(np.uint16)
             file.write(ids.tobytes())
+            num_tokens += len(ids)
+            num_bytes += len(doc.encode("utf-8")) + 1  # the EOS counts as a byte, as in the byte vocabulary
+    Path(f"{temporary}.json").write_text(json.dumps(dict(tokens=num_tokens, bytes=num_bytes)))
+    os.replace(f"{temporary}.json", f"{path}.json")
     os.replace(temporary, path)
     return path
+
+
+def bytes_per_token(token_file) -> float:
+    """Bytes of text per token in a file written by `build_token_file` (1 for the byte vocabulary):
+    loss per token / ln 2 / bytes_per_token is bits per byte, comparable across tokenizers."""
+    counts = json.loads(Path(f"{token_file}.json").read_text())
+    return counts["bytes"] / counts["tokens"]
 
 
 class TokenWindows:
@@ -382,7 +419,7 @@ def corpus_token_file(corpus: str, split: str, tokenizer, cache_dir=None) -> Pat
     and modification time, so editing it rebuilds the tokens.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
-    key = f"{corpus}|{split}|{type(tokenizer).__name__}|{tokenizer.num_tokens}"
+    key = f"{corpus}|{split}|{tokenizer.fingerprint}"
     for part in corpus.split("+"):
         path = Path(part.strip()).expanduser()
         if path.is_file():
@@ -391,7 +428,7 @@ def corpus_token_file(corpus: str, split: str, tokenizer, cache_dir=None) -> Pat
     readable = "".join(c if c.isalnum() or c in "+-_" else "_" for c in corpus)[:60]
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
     path = cache_dir / f"{readable}-{split}-{digest}.u16"
-    if not path.is_file():
+    if not (path.is_file() and Path(f"{path}.json").is_file()):
         build_token_file(load_corpus(corpus)[split], path, tokenizer)
     return path
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from palm_rlhf.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
+from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer
 from palm_rlhf.training import check_finite, lr_lambda_warmup_cosine
 
 METHODS = ("dpo", "ipo", "cdpo", "kto")
@@ -111,26 +111,26 @@ def preference_accuracy(chosen_rewards, rejected_rewards) -> torch.Tensor:
 def encode_responses(prompts: list, responses: list, max_len: int = 320, tokenizer=None):
     """[EOS] + prompt + response + [EOS] per example, right-padded with PAD: see `pack_sequences`.
     A sequence longer than max_len loses the end of its response, closing EOS included: a cut
-    response did not end there."""
+    response did not end there. `tokenizer`: bytes by default."""
     tokenizer = tokenizer or ByteTokenizer()
     heads, tails = [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        head = [EOS_ID] + tokenizer.encode(prompt).tolist()
+        head = [tokenizer.eos_id] + tokenizer.encode(prompt).tolist()
         if len(head) >= max_len:
             raise ValueError(f"prompt {prompt[:40]!r}... leaves no room for a response in max_len={max_len}")
         heads.append(head)
-        tails.append((tokenizer.encode(response).tolist() + [EOS_ID])[: max_len - len(head)])
-    return pack_sequences(heads, tails)
+        tails.append((tokenizer.encode(response).tolist() + [tokenizer.eos_id])[: max_len - len(head)])
+    return pack_sequences(heads, tails, tokenizer.pad_id)
 
 
-def pack_sequences(heads: list, tails: list):
-    """Token lists head + tail per example, right-padded with PAD.
+def pack_sequences(heads: list, tails: list, pad_id: int = PAD_ID):
+    """Token lists head + tail per example, right-padded with `pad_id`.
 
     Returns seq (b, n) long, mask (b, n) bool (real tokens), response_mask (b, n) bool (the tail:
     the tokens that are scored).
     """
     n = max(len(head) + len(tail) for head, tail in zip(heads, tails))
-    seq = torch.full((len(heads), n), PAD_ID, dtype=torch.long)
+    seq = torch.full((len(heads), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(heads), n, dtype=torch.bool)
     response_mask = torch.zeros_like(mask)
     for i, (head, tail) in enumerate(zip(heads, tails)):
@@ -232,6 +232,8 @@ class DPOTrainer:
             check_examples(examples, ("prompt", "response", "desirable"), "KTO examples")
         else:
             check_examples(pairs, ("prompt", "chosen", "rejected"), f"{method.upper()} pairs")
+        if palm.tokenizer is None:
+            raise ValueError(f"{method.upper()} reads text: this {palm.num_tokens}-token PaLM needs its tokenizer (palm.tokenizer = ...)")
         self.method, self.beta, self.label_smoothing = method, beta, label_smoothing
         self.lambda_d, self.lambda_u = lambda_d, lambda_u
         self.data = examples if method == "kto" else pairs
@@ -263,7 +265,7 @@ class DPOTrainer:
         else:
             prompts = prompts + prompts
             responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
-        return [t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len)]
+        return [t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len, self.palm.tokenizer)]
 
     def _batch_indices(self, step: int, micro: int):
         # depends only on (seed, step, micro, rank): a resumed run draws the batches an
@@ -388,7 +390,8 @@ class DPOTrainer:
             batch = mine[start : start + batch_size]
             prompts = [p["prompt"] for p in batch] * 2
             responses = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
-            seq, mask, response_mask = (t.to(self.accelerator.device) for t in encode_responses(prompts, responses, self.max_len))
+            seq, mask, response_mask = (t.to(self.accelerator.device)
+                                        for t in encode_responses(prompts, responses, self.max_len, self.palm.tokenizer))
             policy = sequence_log_probs(self.palm, seq, mask, response_mask, finetune_scope=self.scope)
             rewards = self.beta * (policy - self._held_out_reference(batch, seq, mask, response_mask))
             chosen.append(rewards[: len(batch)])

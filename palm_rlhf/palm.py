@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from palm_rlhf.compat import GENERATE, PALM, palm_scopes, upstream_keywords
 from palm_rlhf.lora import LoRA
-from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID
+from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID, TOKENIZER_FILE, ByteTokenizer, check_vocab_size, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # config and presets
@@ -406,6 +406,7 @@ class PaLM(nn.Module):
         self.config.finetune_scopes = {}
         self.num_tokens, self.dim, self.pad_id, self.causal = num_tokens, dim, self.config.pad_id, causal
         self.attn_backend = resolve_attn_backend(flash_attn)
+        self.tokenizer = ByteTokenizer() if num_tokens == NUM_TOKENS else None
 
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -727,9 +728,25 @@ class PaLM(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
+    @property
+    def tokenizer(self):
+        """What the token ids mean: saved beside the weights, read back by `from_pretrained`; None
+        for a vocabulary that came without one (token ids in, token ids out)."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        if tokenizer is not None:
+            check_vocab_size(tokenizer, self.num_tokens)
+            if tokenizer.pad_id != self.pad_id:
+                raise ValueError(f"the tokenizer's PAD is id {tokenizer.pad_id} but the model's pad_id is {self.pad_id}; "
+                                 f"build the model with pad_id={tokenizer.pad_id}")
+        self._tokenizer = tokenizer
+
     def save(self, path, state_dict: dict | None = None):
-        """Safetensors weights with the config in their metadata. A directory gets model.safetensors
-        and a readable config.json (what `from_pretrained` reads); a file path gets one file.
+        """Safetensors weights with the config in their metadata. A directory gets model.safetensors,
+        a readable config.json (what `from_pretrained` reads) and the tokenizer's tokenizer.json; a
+        file path gets one file.
         `state_dict`: the weights to write instead of this module's own, e.g. the full state dict
         that `accelerator.get_state_dict` gathers from the shards of FSDP or ZeRO-3."""
         path = Path(path)
@@ -737,6 +754,8 @@ class PaLM(nn.Module):
         if path.suffix not in (".safetensors", ".pt", ".bin"):
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            if self.tokenizer is not None:
+                self.tokenizer.save(path)
             path = path / "model.safetensors"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -768,12 +787,18 @@ class PaLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "PaLM":
-        """Builds the model a checkpoint describes (its config.json or metadata) and loads it."""
-        saved = read_saved_config(weights_path(path))
+        """Builds the model a checkpoint describes (its config.json or metadata) and loads it, with
+        the tokenizer saved beside it (tokenizer.json; a folder without one speaks bytes)."""
+        weights = weights_path(path)
+        saved = read_saved_config(weights)
         if saved is None:
             raise ValueError(f"{path} holds no PaLM config; was it written by PaLM.save?")
         known = {f.name for f in fields(PaLMConfig)}
         model = cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+        if (weights.parent / TOKENIZER_FILE).exists():
+            tokenizer = load_tokenizer(weights.parent / TOKENIZER_FILE)
+            check_vocab_size(tokenizer, model.num_tokens, where=f"the model in {weights.parent}")
+            model.tokenizer = tokenizer
         return model.load(path)
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from palm_rlhf.compat import PPO_TRAIN, RLHF_TRAINER, ppo_episodes, rlhf_trainer_inputs, upstream_keywords
 from palm_rlhf.palm import PaLM, left_pad
-from palm_rlhf.tokenizer import NUM_TOKENS, ByteTokenizer
+from palm_rlhf.tokenizer import ByteTokenizer, check_vocab_size
 
 # ---------------------------------------------------------------------------------------------------
 # the maths: masks are bool, True at response tokens
@@ -289,7 +289,8 @@ def decode_responses(seq: torch.Tensor, response_mask: torch.Tensor, tokenizer) 
 
 
 def text_reward_fn(score_texts, tokenizer=None):
-    """Turns `score_texts(list of response strings) -> list of floats` into a reward_fn."""
+    """Turns `score_texts(list of response strings) -> list of floats` into a reward_fn; `tokenizer`
+    (bytes by default) decodes the responses: pass the policy's, `palm.tokenizer`."""
     tokenizer = tokenizer or ByteTokenizer()
 
     def reward_fn(seq, prompt_mask, mask):
@@ -305,8 +306,7 @@ def prompt_list(prompt_token_ids, prompts, tokenizer, pad_id: int) -> list[torch
     if (prompt_token_ids is None) == (prompts is None):
         raise ValueError("pass exactly one of prompt_token_ids (token ids) or prompts (text)")
     if prompts is not None and tokenizer is None:
-        raise ValueError("text prompts need a tokenizer= for this vocabulary (the byte tokenizer fits only "
-                         f"num_tokens={NUM_TOKENS}); or pass prompt_token_ids")
+        raise ValueError("text prompts need a tokenizer: pass tokenizer=, set palm.tokenizer, or pass prompt_token_ids")
     if prompts is not None:
         ids = [torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p))) for p in prompts]
     elif isinstance(prompt_token_ids, torch.Tensor):
@@ -337,8 +337,8 @@ class PolicyTrainer:
     def __init__(self, *, palm: PaLM, reward_model, reward_fn, prompt_token_ids, prompts, tokenizer, actor_scope: str,
                  seed: int, accelerator: Accelerator | None, accelerate_kwargs: dict | None = None,
                  prompt_pad_id: int | None = None):
-        """tokenizer: by default the byte tokenizer for the byte vocabulary, none for another (token-id
-        prompts, and no EOS unless `train(eos_token=)` names one). prompt_pad_id: the id stripped
+        """tokenizer: by default palm.tokenizer (bytes for the byte vocabulary, what a checkpoint was saved
+        with, or none: token-id prompts, and no EOS unless `train(eos_token=)` names one). prompt_pad_id: the id stripped
         from a padded prompt_token_ids tensor (default palm.pad_id)."""
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("pass exactly one of reward_model or reward_fn")
@@ -346,7 +346,9 @@ class PolicyTrainer:
         # own, and a resumed run (which sets `iteration`) draws what an uninterrupted one would
         self.seed, self.iteration = seed, 0
         self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
-        self.tokenizer = tokenizer or (ByteTokenizer() if palm.num_tokens == NUM_TOKENS else None)
+        self.tokenizer = tokenizer or palm.tokenizer
+        if self.tokenizer is not None:
+            check_vocab_size(self.tokenizer, palm.num_tokens, where="the policy")
         self.eos_id = None if self.tokenizer is None else self.tokenizer.eos_id  # where sampled responses end
         pad_id = palm.pad_id if prompt_pad_id is None else prompt_pad_id
         self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, pad_id)

@@ -28,7 +28,7 @@ Choices, and where they come from:
 5. Dropout is applied to the pooled embedding before the head, not inside the shared base, so
    training the reward model never changes how the shared PaLM behaves for the other roles.
 
-Sequences: [EOS] + prompt bytes + response bytes + [EOS], `prompt_mask` True on [EOS] + prompt.
+Sequences: [EOS] + prompt tokens + response tokens + [EOS], `prompt_mask` True on [EOS] + prompt.
 """
 import copy
 import hashlib
@@ -43,7 +43,7 @@ from torch import nn
 
 from palm_rlhf.compat import REWARD_MODEL, upstream_keywords
 from palm_rlhf.palm import PaLM
-from palm_rlhf.tokenizer import EOS_ID, PAD_ID
+from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # losses and the scalar reward
@@ -111,19 +111,23 @@ def split_prompt(text: str, n_words: int = 4) -> tuple:
     return " ".join(words[:n]), " " + " ".join(words[n:])
 
 
-def encode_reward_input(prompt: str, response: str, max_len: int | None = None, ended: bool = True) -> tuple:
+def encode_reward_input(prompt: str, response: str, max_len: int | None = None, ended: bool = True,
+                        tokenizer=None) -> tuple:
     """(seq, prompt_mask), both (n,): [EOS] + prompt + response + [EOS], prompt_mask on [EOS] + prompt.
 
-    With `max_len`, the response is cut so that the sequence still ends with its EOS. `ended=False`
-    leaves the closing EOS out, as RL scores a sampled response that reached the length limit.
+    Prompt and response are encoded apart, as a policy's response starts at a token boundary after
+    its prompt (BPE would merge across a joined text). With `max_len` (tokens), the response is cut
+    so that the sequence still ends with its EOS. `ended=False` leaves the closing EOS out, as RL
+    scores a sampled response that reached the length limit. `tokenizer`: bytes by default.
     """
-    prompt_ids = [EOS_ID, *prompt.encode("utf-8")]
-    response_ids = list(response.encode("utf-8"))
+    tokenizer = tokenizer or ByteTokenizer()
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt).tolist()]
+    response_ids = tokenizer.encode(response).tolist()
     if max_len is not None:
         if len(prompt_ids) + 1 >= max_len:
-            raise ValueError(f"a prompt of {len(prompt_ids) - 1} bytes leaves no room for a response in max_len={max_len}")
+            raise ValueError(f"a prompt of {len(prompt_ids) - 1} tokens leaves no room for a response in max_len={max_len}")
         response_ids = response_ids[: max_len - len(prompt_ids) - 1]
-    seq = torch.tensor(prompt_ids + response_ids + [EOS_ID] * ended)
+    seq = torch.tensor(prompt_ids + response_ids + [tokenizer.eos_id] * ended)
     prompt_mask = torch.arange(len(seq)) < len(prompt_ids)
     return seq, prompt_mask
 
@@ -315,4 +319,5 @@ def base_palm(palm: PaLM) -> PaLM:
     base = PaLM.from_config(replace(palm.config, finetune_scopes={}))
     state = {k: v for k, v in palm.state_dict().items() if not k.startswith("finetune_modules.")}
     base.load_state_dict(state)
+    base.tokenizer = palm.tokenizer
     return base

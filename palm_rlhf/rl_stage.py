@@ -40,6 +40,8 @@ def load_models(cfg):
         if not Path(path).is_dir():
             raise SystemExit(f"--{flag} {path}: no such folder; run {script} first")
     palm = PaLM.from_pretrained(cfg.lm_checkpoint)
+    if palm.tokenizer is None:
+        raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: its {palm.num_tokens}-token vocabulary came without a tokenizer.json")
     # the reward model's scope and head go onto the policy's base: one frozen base for all roles
     return palm, RewardModel.from_pretrained(cfg.reward_checkpoint, palm=palm)
 

@@ -101,7 +101,7 @@ def verifiable_reward_fn(problems: list[Problem], tokenizer=None):
     def reward_fn(seq, prompt_mask, mask):
         scores = []
         for s, p, m in zip(seq.cpu(), prompt_mask.cpu(), mask.cpu()):
-            prompt = bytes(s[p & (s < 256)].tolist()).decode("utf-8")  # the begin-of-document EOS dropped
+            prompt = tokenizer.decode([t for t in s[p].tolist() if t != tokenizer.eos_id])  # the begin-of-document EOS dropped
             if prompt not in by_prompt:
                 raise KeyError(f"prompt {prompt!r} is not one of the task's problems")
             scores.append(score_answer(tokenizer.decode(s[m & ~p]), by_prompt[prompt]))

@@ -63,7 +63,7 @@ def test_augmented_batch_cuts_and_corrupts_the_shares_asked_for():
     for (prompt, response), is_ended in zip(sides, ended):
         assert prompt == "The movie is" and (response == batch[0]["response"]) == is_ended
     assert all(c[0] == s[0] and c[1] != s[1] for c, s in zip(corrupted, sides))
-    seq, _, mask = script.collate(sides[:2], 96, "cpu", ended[:2])
+    seq, _, mask = script.collate(sides[:2], PaLM.from_config(PaLMConfig.from_name("tiny")), 96, "cpu", ended[:2])
     last = seq[torch.arange(2), mask.sum(dim=1) - 1]
     assert [bool(t == EOS_ID) for t in last] == ended[:2]
 

@@ -70,5 +70,5 @@ def test_a_20000_token_model_end_to_end():
     assert stats["approx_kl"] == 0.0  # one iteration, one minibatch: ratio 1
     out = palm.generate(12, prompt=prompts[1], eos_token=13, finetune_scope="actor", temperature=0.0)
     assert out.shape == (8,)
-    with pytest.raises(ValueError, match="need a tokenizer="):
+    with pytest.raises(ValueError, match="need a tokenizer"):
         RLHFTrainer(palm=palm, reward_model=reward_model, prompts=["some text"])

@@ -68,17 +68,18 @@ def import_jsonl(path, num_bins: int = 5, overlap: int = 1) -> int:
 
 
 def sample_responses(palm, prompt: str, num_samples: int, seq_len: int, temperature: float) -> list[str]:
-    """num_samples continuations of one prompt; seq_len counts prompt and response tokens together."""
+    """num_samples continuations of one prompt, in the tokens of the model's own tokenizer (saved
+    with its checkpoint); seq_len counts prompt and response tokens together."""
     import torch
 
-    from palm_rlhf.tokenizer import EOS_ID, ByteTokenizer
-
-    tokenizer = ByteTokenizer()
+    tokenizer = palm.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"this {palm.num_tokens}-token model has no tokenizer to read prompts with (palm.tokenizer = ...)")
     ids = tokenizer.encode(prompt)
     if len(ids) >= seq_len:
-        raise ValueError(f"prompt of {len(ids)} bytes leaves no room in seq_len={seq_len}: {prompt[:40]!r}")
+        raise ValueError(f"prompt of {len(ids)} tokens leaves no room in seq_len={seq_len}: {prompt[:40]!r}")
     with torch.no_grad():
-        tokens = palm.generate(seq_len, prompt=ids.repeat(num_samples, 1), temperature=temperature, eos_token=EOS_ID)
+        tokens = palm.generate(seq_len, prompt=ids.repeat(num_samples, 1), temperature=temperature, eos_token=tokenizer.eos_id)
     return [tokenizer.decode(row) for row in tokens]  # tokens: (num_samples, seq_len - len(ids))
 
 

@@ -26,6 +26,21 @@ def test_sample_responses(checkpoint):
         sample_responses(palm, "x" * 12, num_samples=1, seq_len=12, temperature=1.0)
 
 
+def test_sample_responses_in_the_checkpoint_tokenizer(tmp_path):
+    from palm_rlhf.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["the movie is great, the film is dull"] * 50, vocab_size=300)
+    palm = PaLM.from_config(PaLMConfig.from_name("tiny", num_tokens=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+    palm.tokenizer = tokenizer
+    palm.save(tmp_path / "bpe")
+    palm = PaLM.from_pretrained(tmp_path / "bpe")
+    torch.manual_seed(0)
+    texts = sample_responses(palm, "the movie is", num_samples=3, seq_len=12, temperature=1.0)
+    # 12 tokens of prompt and response; BPE tokens hold several bytes, so the texts may be longer than 12 - 3
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert sum(len(t.encode()) for t in texts) > 3 * (12 - len(tokenizer.encode("the movie is")))
+
+
 @pytest.mark.django_db
 def test_generation_job_makes_items_and_resumes(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
