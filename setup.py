@@ -16,6 +16,7 @@ setup(
         "accelerate>=0.30",
         "tqdm",
         "safetensors",
+        "tokenizers>=0.19",  # BPE (palm_rlhf/tokenizer.py); imported only when a BPE is used
         "numpy",
     ],
     extras_require={

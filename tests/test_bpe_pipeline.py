@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from palm_rlhf import PaLM
+from palm_rlhf import PaLM, data
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import BPETokenizer, load_tokenizer
 from palm_rlhf.training import parse_config, read_metrics
@@ -96,3 +98,19 @@ def test_evaluate_on_bpe(stages, tmp_path):
     rows = {row["name"]: row for row in evaluate.evaluate(cfg)}
     assert rows["same"]["kl"] == 0
     assert rows["LM"]["length"] > 0 and rows["LM"]["bits_per_byte"] > 0
+
+
+def test_bits_per_byte_scores_every_token_of_the_split_once(stages):
+    bench = importlib.util.spec_from_file_location("bits_per_byte", ROOT / "benchmarks" / "bits_per_byte.py")
+    module = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(module)
+    palm = PaLM.from_pretrained(stages / "lm" / "final").eval()
+    cfg = module.BitsPerByteConfig(corpus=str(stages / "corpus"), cache_dir=str(stages / "cache"), seq_len=4096)
+    bpb, count, ratio = module.bits_per_byte(palm, cfg)  # one window holds the whole split
+    tokens = torch.from_numpy(np.fromfile(data.corpus_token_file(cfg.corpus, "valid", palm.tokenizer, cfg.cache_dir), dtype=np.uint16).astype(np.int64))
+    assert count == len(tokens) - 1 < 4096 and ratio > 2
+    with torch.no_grad():
+        loss = palm(tokens[None], return_loss=True).item()
+    assert bpb == pytest.approx(loss / math.log(2) / ratio, rel=1e-4)
+    short, short_count, _ = module.bits_per_byte(palm, module.BitsPerByteConfig(corpus=cfg.corpus, cache_dir=cfg.cache_dir, seq_len=16, batch_size=3))
+    assert short_count == count and short != pytest.approx(bpb, rel=1e-6)  # shorter contexts, same tokens
