@@ -406,7 +406,7 @@ class PaLM(nn.Module):
         self.config.finetune_scopes = {}
         self.num_tokens, self.dim, self.pad_id, self.causal = num_tokens, dim, self.config.pad_id, causal
         self.attn_backend = resolve_attn_backend(flash_attn)
-        self.tokenizer = ByteTokenizer() if num_tokens == NUM_TOKENS else None
+        self.tokenizer = ByteTokenizer() if (num_tokens, self.pad_id) == (NUM_TOKENS, PAD_ID) else None
 
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
