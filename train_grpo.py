@@ -25,7 +25,9 @@ class TrainGRPOConfig:
     """Tune a PaLM with group-relative, critic-free RL against a reward model; checkpoints resume; metrics go to CSV and a plot."""
 
     lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder (the policy and the frozen reference)"})
-    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "train_reward.py's final folder, attached to the policy's base"})
+    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "train_reward.py's final folder, attached to the policy's base; several, comma-separated: an ensemble"})
+    ensemble: str = field(default="uwo", metadata={"help": "how an ensemble's standardised scores combine: mean, min (worst case) or uwo (mean - uncertainty_weight * variance)"})
+    uncertainty_weight: float = field(default=1.0, metadata={"help": "lambda of --ensemble uwo"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out review snippet used as a prompt"})
     num_eval_prompts: int = field(default=256, metadata={"help": "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)"})
     estimator: str = field(default="grpo", metadata={"help": "advantage: grpo ((r - mean) / std), dr_grpo (r - mean) or rloo (r - mean of the others)"})

@@ -288,10 +288,11 @@ class RewardModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory, palm: PaLM | None = None) -> "RewardModel":
+    def from_pretrained(cls, directory, palm: PaLM | None = None, scope: str | None = None) -> "RewardModel":
         """Loads a saved reward model. With `palm`, attaches the saved scope and head to it after
         checking its base weights are the ones the reward model was trained on; without, builds
-        the whole model from the saved base."""
+        the whole model from the saved base. `scope`: the name its scope takes on `palm` (default
+        the saved one), so that several reward models can share one base."""
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"no reward model at {directory} (expected config.json, written by RewardModel.save)")
@@ -305,13 +306,74 @@ class RewardModel(nn.Module):
                 f"{config['base_checksum'][:12]}..., the given PaLM's {base_checksum(palm)[:12]}...); pass the "
                 "PaLM it was trained on, or palm=None to load the base saved with it"
             )
+        saved_scope = config["reward_lora_scope"]
+        if scope is not None:
+            config["reward_lora_scope"] = scope
         model = cls(palm, **{k: v for k, v in config.items() if k != "base_checksum"})
         saved = load_file(str(directory / "reward.safetensors"), device=str(palm.device))
+        old, new = f"palm.finetune_modules.{saved_scope}.", f"palm.finetune_modules.{config['reward_lora_scope']}."
+        saved = {new + k[len(old):] if k.startswith(old) else k: v for k, v in saved.items()}
         missing = sorted(set(model.reward_state_dict()) - set(saved))
         if missing:
             raise ValueError(f"{directory / 'reward.safetensors'} lacks {missing[:5]}")
         model.load_state_dict(saved, strict=False)
         return model
+
+
+class RewardEnsemble(nn.Module):
+    """Reward models trained apart (other seeds), scored together and combined conservatively, so
+    that a policy gains only where they agree (Coste et al. 2023, "Reward Model Ensembles Help
+    Mitigate Overoptimization"). Each member's score is first standardised by its mean and standard
+    deviation on calibration texts (`calibrate`), since each Bradley-Terry head has its own offset
+    and scale; then, over the k members:
+
+        mean:  R = mean_i R_i
+        min:   R = min_i R_i                                   (worst-case optimisation, WCO)
+        uwo:   R = mean_i R_i - lambda * var_i R_i             (uncertainty-weighted, UWO, eq. 6)
+
+    Members can share one frozen base, each with its own scope (`RewardModel.from_pretrained(dir,
+    palm=palm, scope=...)`). `score` has RewardModel's signature, so the RL trainers take it as a
+    reward_model.
+    """
+
+    COMBINES = ("mean", "min", "uwo")
+
+    def __init__(self, reward_models: list, combine: str = "uwo", uncertainty_weight: float = 1.0):
+        super().__init__()
+        if combine not in self.COMBINES:
+            raise ValueError(f"combine must be one of {', '.join(self.COMBINES)}, got {combine!r}")
+        if len(reward_models) < 2:
+            raise ValueError("an ensemble needs at least two reward models")
+        self.reward_models = nn.ModuleList(reward_models)
+        self.combine, self.uncertainty_weight = combine, uncertainty_weight
+        self.palm = reward_models[0].palm
+        self.register_buffer("shift", torch.zeros(len(reward_models), device=self.palm.device))
+        self.register_buffer("scale", torch.ones(len(reward_models), device=self.palm.device))
+
+    def raw_scores(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:
+        """(k, b): every member's own score."""
+        return torch.stack([model.score(seq, prompt_mask=prompt_mask, mask=mask) for model in self.reward_models])
+
+    @torch.no_grad()
+    def calibrate(self, seq, prompt_mask=None, mask=None, batch_size: int = 64):
+        """Sets each member's shift and scale to the mean and std of its scores on these sequences."""
+        raw = torch.cat([self.raw_scores(*(t[i : i + batch_size] if t is not None else None for t in (seq, prompt_mask, mask)))
+                         for i in range(0, len(seq), batch_size)], dim=1)
+        self.shift.copy_(raw.mean(dim=1))
+        self.scale.copy_(raw.std(dim=1).clamp_min(1e-6))
+        return self
+
+    def score(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:
+        """(b,): the members' standardised scores, combined."""
+        scores = (self.raw_scores(seq, prompt_mask, mask) - self.shift[:, None]) / self.scale[:, None]
+        if self.combine == "min":
+            return scores.min(dim=0).values
+        mean = scores.mean(dim=0)
+        if self.combine == "mean":
+            return mean
+        return mean - self.uncertainty_weight * scores.var(dim=0, unbiased=False)
+
+    forward = score
 
 
 def base_palm(palm: PaLM) -> PaLM:

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from palm_rlhf.data import review_prompts, vader_compound
+from palm_rlhf.data import load_rated_snippets, review_prompts, split_snippets, vader_compound
 from palm_rlhf.palm import PaLM
 from palm_rlhf.ppo import decode_responses, prompt_list
-from palm_rlhf.reward import RewardModel
+from palm_rlhf.reward import RewardEnsemble, RewardModel, encode_reward_input, pad_right, split_prompt
 from palm_rlhf.training import (
     GracefulStop,
     MetricsLogger,
@@ -34,16 +34,33 @@ def mean_vader(texts) -> float:
 
 def load_models(cfg):
     """The LM (policy and frozen reference) from cfg.lm_checkpoint, and the reward model from
-    cfg.reward_checkpoint attached to its base; a missing folder names the script that makes it."""
+    cfg.reward_checkpoint attached to its base (several, comma-separated: an ensemble); a missing
+    folder names the script that makes it."""
+    reward_paths = [path.strip() for path in cfg.reward_checkpoint.split(",") if path.strip()]
     for flag, path, script in (("lm_checkpoint", cfg.lm_checkpoint, "train_lm.py"),
-                               ("reward_checkpoint", cfg.reward_checkpoint, "train_reward.py")):
+                               *(("reward_checkpoint", path, "train_reward.py") for path in reward_paths)):
         if not Path(path).is_dir():
             raise SystemExit(f"--{flag} {path}: no such folder; run {script} first")
     palm = PaLM.from_pretrained(cfg.lm_checkpoint)
     if palm.tokenizer is None:
         raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: its {palm.num_tokens}-token vocabulary came without a tokenizer.json")
     # the reward model's scope and head go onto the policy's base: one frozen base for all roles
-    return palm, RewardModel.from_pretrained(cfg.reward_checkpoint, palm=palm)
+    if len(reward_paths) == 1:
+        return palm, RewardModel.from_pretrained(reward_paths[0], palm=palm)
+    if cfg.ensemble not in RewardEnsemble.COMBINES:
+        raise SystemExit(f"--ensemble {cfg.ensemble}: choose one of {', '.join(RewardEnsemble.COMBINES)}")
+    members = [RewardModel.from_pretrained(path, palm=palm, scope=f"reward_{i}") for i, path in enumerate(reward_paths)]
+    ensemble = RewardEnsemble(members, combine=cfg.ensemble, uncertainty_weight=cfg.uncertainty_weight)
+    return palm, ensemble.calibrate(*human_texts(palm.tokenizer, cfg.prompt_words))
+
+
+def human_texts(tokenizer, prompt_words: int, count: int = 512):
+    """`count` of the human-written snippets the reward models were trained on, split into prompt and
+    response as they were: seq, prompt_mask, mask (right-padded), to calibrate an ensemble on."""
+    snippets = split_snippets(load_rated_snippets())["train"]
+    snippets = snippets[:: max(1, len(snippets) // count)][:count]
+    encoded = [encode_reward_input(*split_prompt(s.text, prompt_words), tokenizer=tokenizer) for s in snippets]
+    return pad_right(*zip(*encoded), pad_id=tokenizer.pad_id)
 
 
 def split_prompts(cfg, tokenizer, pad_id: int):

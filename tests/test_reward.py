@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.reward import (
+    RewardEnsemble,
     RewardModel,
     all_pairs_bradley_terry_loss,
     bradley_terry_loss,
@@ -244,3 +245,44 @@ def test_whole_model_fine_tuning_saves_the_tuned_base(tmp_path):
     model.save(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
     torch.testing.assert_close(loaded.score(seq, prompt_mask, mask), model.score(seq, prompt_mask, mask))
+
+
+def two_saved_reward_models(tmp_path):
+    """Two reward models on one base, as two seeds of train_reward.py leave them, and a fresh base."""
+    palm = tiny_palm()
+    for seed in (1, 2):
+        model = RewardModel(palm, share_base=False).eval()
+        perturb_trainable(model, seed=seed)
+        model.save(tmp_path / f"rm{seed}")
+    return [tmp_path / "rm1", tmp_path / "rm2"], PaLM.from_pretrained(tmp_path / "rm1" / "base")
+
+
+def test_reward_models_share_one_base_under_their_own_scopes(tmp_path):
+    paths, palm = two_saved_reward_models(tmp_path)
+    seq, prompt_mask, mask = batch(TEXTS)
+    alone = [RewardModel.from_pretrained(p).eval().score(seq, prompt_mask, mask) for p in paths]
+    shared = [RewardModel.from_pretrained(p, palm=palm, scope=f"reward_{i}").eval() for i, p in enumerate(paths)]
+    assert {"reward_0", "reward_1"} <= set(palm.finetune_modules)
+    for model, expected in zip(shared, alone):
+        torch.testing.assert_close(model.score(seq, prompt_mask, mask), expected)
+    assert not torch.allclose(alone[0], alone[1])
+
+
+@pytest.mark.parametrize("combine", ["mean", "min", "uwo"])
+def test_ensemble_standardises_then_combines_as_coste_et_al(tmp_path, combine):
+    paths, palm = two_saved_reward_models(tmp_path)
+    members = [RewardModel.from_pretrained(p, palm=palm, scope=f"reward_{i}") for i, p in enumerate(paths)]
+    ensemble = RewardEnsemble(members, combine=combine, uncertainty_weight=0.5).eval()
+    calibration = batch(TEXTS * 2 + [("A", " film."), ("It", " was fine, I suppose.")])
+    ensemble.calibrate(*calibration, batch_size=3)
+    raw = torch.stack([m.score(*calibration) for m in members])  # (2, 8)
+    torch.testing.assert_close(ensemble.shift, raw.mean(dim=1))
+    z = (raw - raw.mean(dim=1, keepdim=True)) / raw.std(dim=1, keepdim=True)
+    expected = {"mean": z.mean(0), "min": z.min(0).values, "uwo": z.mean(0) - 0.5 * ((z[0] - z[1]) / 2) ** 2}[combine]
+    torch.testing.assert_close(ensemble.score(*calibration), expected)
+    if combine == "mean":
+        assert abs(ensemble.score(*calibration).mean()) < 1e-5  # standardised members average 0 on calibration
+    with pytest.raises(ValueError, match="combine must be one of"):
+        RewardEnsemble(members, combine="max")
+    with pytest.raises(ValueError, match="at least two"):
+        RewardEnsemble(members[:1])

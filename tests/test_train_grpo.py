@@ -6,6 +6,7 @@ import torch
 from test_train_ppo import checkpoints  # noqa: F401 (the tiny LM and reward model, a fixture)
 
 from palm_rlhf import PaLM
+from palm_rlhf.reward import RewardModel
 from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +65,16 @@ def test_rloo_without_a_reference(tmp_path, checkpoints):  # noqa: F811
     assert "after RLOO" in out.stdout and "KL to the LM at the end: not measured" in out.stdout
     assert "kl" not in read_metrics(run / "metrics.csv")
     assert not PaLM.from_pretrained(run / "final").finetune_modules
+
+
+def test_an_ensemble_of_reward_models(tmp_path, checkpoints):  # noqa: F811
+    lm, reward = checkpoints[1], checkpoints[3]
+    torch.manual_seed(1)
+    RewardModel(PaLM.from_pretrained(lm), num_binned_output=5).save(tmp_path / "reward_2")  # another seed
+    run = tmp_path / "run"
+    out = run_script(*TINY, "--lm_checkpoint", lm, "--reward_checkpoint", f"{reward},{tmp_path / 'reward_2'}",
+                     "--ensemble", "min", "--iterations", "1", "--best_of", "1", "--out_dir", str(run))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after GRPO" in out.stdout and not PaLM.from_pretrained(run / "final").finetune_modules
+    out = run_script(*TINY, "--lm_checkpoint", lm, "--reward_checkpoint", f"{reward},{tmp_path / 'missing'}", "--out_dir", str(run))
+    assert out.returncode != 0 and "missing: no such folder; run train_reward.py first" in out.stderr
