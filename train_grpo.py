@@ -16,20 +16,14 @@ from dataclasses import dataclass, field
 from accelerate import Accelerator
 
 from palm_rlhf.grpo import GRPOTrainer, check_options
-from palm_rlhf.rl_stage import load_models, run_rl_stage, split_prompts
+from palm_rlhf.rl_stage import RLStageConfig, load_models, run_rl_stage, split_prompts
 from palm_rlhf.training import available_trackers, parse_config, set_seed
 
 
 @dataclass
-class TrainGRPOConfig:
+class TrainGRPOConfig(RLStageConfig):
     """Tune a PaLM with group-relative, critic-free RL against a reward model; checkpoints resume; metrics go to CSV and a plot."""
 
-    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder (the policy and the frozen reference)"})
-    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "train_reward.py's final folder, attached to the policy's base; several, comma-separated: an ensemble"})
-    ensemble: str = field(default="uwo", metadata={"help": "how an ensemble's standardised scores combine: mean, min (worst case) or uwo (mean - uncertainty_weight * variance)"})
-    uncertainty_weight: float = field(default=1.0, metadata={"help": "lambda of --ensemble uwo"})
-    prompt_words: int = field(default=4, metadata={"help": "words of each held-out review snippet used as a prompt"})
-    num_eval_prompts: int = field(default=256, metadata={"help": "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)"})
     estimator: str = field(default="grpo", metadata={"help": "advantage: grpo ((r - mean) / std), dr_grpo (r - mean) or rloo (r - mean of the others)"})
     group_size: int = field(default=8, metadata={"help": "responses sampled per prompt (G)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per iteration and process"})

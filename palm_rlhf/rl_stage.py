@@ -4,7 +4,7 @@ no model here was trained on, so it tells whether RL improved the real thing or 
 reward), the before/after table, and the loop that runs a trainer's iterations with metrics,
 resumable checkpoints, the final merged policy and the plot. Each script adds its config and trainer.
 """
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,18 @@ from palm_rlhf.training import (
     plot_metrics,
     save_checkpoint,
 )
+
+
+@dataclass
+class RLStageConfig:
+    """The options train_ppo.py and train_grpo.py share: the models and the prompts."""
+
+    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder (the policy and the frozen reference)"})
+    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "train_reward.py's final folder, attached to the policy's base; several, comma-separated: an ensemble"})
+    ensemble: str = field(default="uwo", metadata={"help": "how an ensemble's standardised scores combine: mean, min (worst case) or uwo (mean - uncertainty_weight * variance)"})
+    uncertainty_weight: float = field(default=1.0, metadata={"help": "lambda of --ensemble uwo"})
+    prompt_words: int = field(default=4, metadata={"help": "words of each held-out review snippet used as a prompt"})
+    num_eval_prompts: int = field(default=256, metadata={"help": "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)"})
 
 
 def mean_vader(texts) -> float:
