@@ -118,11 +118,10 @@ def sample_responses(palm: PaLM, heads: list, num_samples: int, cfg, seed: int) 
     responses[i * num_samples + j] is sample j of prompt i."""
     generator = torch.Generator(palm.device).manual_seed(seed)
     repeated = [torch.tensor(h) for h in heads for _ in range(num_samples)]
-    responses = []
+    responses, eos = [], palm.tokenizer.eos_id
     for start in tqdm(range(0, len(repeated), cfg.batch_size), desc="sampling", leave=False):
         batch = repeated[start : start + cfg.batch_size]
         seq_len = max(len(p) for p in batch) + cfg.max_seq_len - min(len(p) for p in batch)
-        eos = palm.tokenizer.eos_id
         tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=eos, generator=generator)
         for prompt, row in zip(batch, tokens.tolist()):  # every prompt gets max_seq_len - len(prompt) new tokens
             row = row[: cfg.max_seq_len - len(prompt)]

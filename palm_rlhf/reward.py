@@ -346,19 +346,19 @@ class RewardEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least two reward models")
         self.reward_models = nn.ModuleList(reward_models)
         self.combine, self.uncertainty_weight = combine, uncertainty_weight
-        self.palm = reward_models[0].palm
-        self.register_buffer("shift", torch.zeros(len(reward_models), device=self.palm.device))
-        self.register_buffer("scale", torch.ones(len(reward_models), device=self.palm.device))
+        device = reward_models[0].palm.device
+        self.register_buffer("shift", torch.zeros(len(reward_models), device=device))
+        self.register_buffer("scale", torch.ones(len(reward_models), device=device))
 
     def raw_scores(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:
         """(k, b): every member's own score."""
         return torch.stack([model.score(seq, prompt_mask=prompt_mask, mask=mask) for model in self.reward_models])
 
     @torch.no_grad()
-    def calibrate(self, seq, prompt_mask=None, mask=None, batch_size: int = 64):
+    def calibrate(self, seq, prompt_mask, mask, batch_size: int = 64):
         """Sets each member's shift and scale to the mean and std of its scores on these sequences."""
-        raw = torch.cat([self.raw_scores(*(t[i : i + batch_size] if t is not None else None for t in (seq, prompt_mask, mask)))
-                         for i in range(0, len(seq), batch_size)], dim=1)
+        batches = zip(seq.split(batch_size), prompt_mask.split(batch_size), mask.split(batch_size))
+        raw = torch.cat([self.raw_scores(*batch) for batch in batches], dim=1)
         self.shift.copy_(raw.mean(dim=1))
         self.scale.copy_(raw.std(dim=1).clamp_min(1e-6))
         return self
