@@ -65,14 +65,30 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> dict:
     """Documents of a corpus: dict(train=list[str], valid=list[str]).
 
     `name` is a source listed in the module docstring, a path to a .txt or .jsonl file, or several
-    of these joined with "+" (their documents are concatenated, split by split).
+    of these joined with "+" (their documents are concatenated, split by split). A source written
+    `source*k` has its train documents repeated k times, so that a small corpus weighs more in the
+    mix; its valid documents are kept once.
     """
     corpus = dict(train=[], valid=[])
-    for part in name.split("+"):
-        loaded = _load_one_corpus(part.strip())
-        corpus["train"] += loaded["train"]
+    for source, repeats in corpus_parts(name):
+        loaded = _load_one_corpus(source)
+        corpus["train"] += loaded["train"] * repeats
         corpus["valid"] += loaded["valid"]
     return corpus
+
+
+def corpus_parts(name: str) -> list:
+    """"wikitext2+reviews*8" -> [("wikitext2", 1), ("reviews", 8)]."""
+    parts = []
+    for part in name.split("+"):
+        source, star, repeats = part.strip().rpartition("*")
+        if not star:  # no weight: rpartition leaves the whole part in `repeats`
+            parts.append((repeats, 1))
+        elif repeats.strip().isdigit() and int(repeats) >= 1:
+            parts.append((source.strip(), int(repeats)))
+        else:
+            raise ValueError(f"corpus part {part.strip()!r}: a weight is written source*k with k a whole number >= 1")
+    return parts
 
 
 def _load_one_corpus(name: str) -> dict:
@@ -420,8 +436,8 @@ def corpus_token_file(corpus: str, split: str, tokenizer, cache_dir=None) -> Pat
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
     key = f"{corpus}|{split}|{tokenizer.fingerprint}"
-    for part in corpus.split("+"):
-        path = Path(part.strip()).expanduser()
+    for source, _ in corpus_parts(corpus):
+        path = Path(source).expanduser()
         if path.is_file():
             stat = path.stat()
             key += f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

