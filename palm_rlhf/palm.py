@@ -762,7 +762,7 @@ class PaLM(nn.Module):
         if state_dict is None:
             save_model(self, str(path), metadata={"palm_config": config_json})
         else:
-            save_state_dict(state_dict, path, metadata={"palm_config": config_json})
+            save_state_dict(state_dict, path, self, metadata={"palm_config": config_json})
 
     def load(self, path, strict: bool = True):
         """Loads weights saved by `save` into this model; a checkpoint of another shape fails with a
@@ -802,16 +802,25 @@ class PaLM(nn.Module):
         return model.load(path)
 
 
-def save_state_dict(state_dict: dict, path, metadata: dict | None = None):
-    """Writes a state dict as safetensors with each shared tensor (the tied embedding) stored once,
-    as safetensors' save_model does for a module; its load_model fills in the other names."""
-    stored, unique = set(), {}
-    for name, tensor in state_dict.items():
-        where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if where not in stored:
-            stored.add(where)
-            unique[name] = tensor.detach().contiguous()
+def save_state_dict(state_dict: dict, path, module: nn.Module, metadata: dict | None = None):
+    """Writes `module`'s state dict as safetensors with each tensor that `module` holds under several
+    names (the tied embedding) stored once, under its first name, as safetensors' save_model does;
+    its load_model fills in the other names. Which names are one tensor is read from the module, not
+    from the state dict's storage: a full state dict gathered from FSDP2 shards holds the tied
+    embedding as two separate copies, which load_model would reject as an unexpected key."""
+    repeated = repeated_names(module)
+    unique = {name: tensor.detach().contiguous() for name, tensor in state_dict.items() if name not in repeated}
     save_file(unique, str(path), metadata=metadata)
+
+
+def repeated_names(module: nn.Module) -> set[str]:
+    """The names under which `module` holds a parameter or buffer that an earlier name already holds."""
+    seen, repeated = set(), set()
+    for name, tensor in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        if id(tensor) in seen:
+            repeated.add(name)
+        seen.add(id(tensor))
+    return repeated
 
 
 SHAPE_FIELDS = ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "tie_embedding")

@@ -143,7 +143,7 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
         temporary = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        save_state_dict(weights, temporary / "model.safetensors")
+        save_state_dict(weights, temporary / "model.safetensors", extract_model_from_parallel(model))
         (temporary / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         trainer_state = dict(
             step=step,

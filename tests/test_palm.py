@@ -226,6 +226,17 @@ def test_save_load_round_trips_bit_for_bit(tmp_path, palm):
     assert loaded.to_logits.weight is loaded.token_emb.weight  # tying survives the round trip
 
 
+def test_a_gathered_state_dict_with_the_tied_embedding_copied_saves_it_once(tmp_path, palm):
+    # a full state dict gathered from FSDP2 shards holds the tied embedding under both names, as
+    # two tensors: saved as they are, from_pretrained would reject the second name
+    copies = {k: v.clone() for k, v in palm.state_dict().items()}
+    assert copies["to_logits.weight"].data_ptr() != copies["token_emb.weight"].data_ptr()
+    palm.save(tmp_path / "ckpt", state_dict=copies)
+    loaded = PaLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.to_logits.weight is loaded.token_emb.weight
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in copies.items())
+
+
 def test_save_to_a_single_file_carries_its_config(tmp_path, palm):
     palm.save(tmp_path / "palm.safetensors")
     loaded = PaLM.from_pretrained(tmp_path / "palm.safetensors")
