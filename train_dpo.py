@@ -211,7 +211,7 @@ def train(cfg: TrainDPOConfig) -> dict:
             raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
         trainer.step = load_checkpoint(checkpoint_dir, model=palm, optimizer=trainer.optimizer, scheduler=trainer.scheduler)["step"]
     init_trackers(accelerator, "palm_rlhf_dpo", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator)
+    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
 
     before = trainer.evaluate(eval_pairs)  # policy == reference at step 0: all ties, accuracy 0.5
     if trainer.step == 0:

@@ -147,7 +147,7 @@ def train(cfg: TrainLMConfig):
     palm, optimizer = accelerator.prepare(palm, optimizer)
     unwrapped = accelerator.unwrap_model(palm)
     init_trackers(accelerator, "palm_rlhf_lm", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator)
+    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
 
     def save(step):
         save_checkpoint(checkpoint_dir, accelerator=accelerator, model=palm, optimizer=optimizer,

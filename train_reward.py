@@ -336,7 +336,7 @@ def train(cfg: TrainRewardConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     init_trackers(accelerator, "palm_rlhf_reward", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator)
+    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
 
     baselines = {}
     if data["test_pairs"]:

@@ -143,7 +143,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
             restore_state(state["extra"])
         accelerator.print(f"resumed at iteration {start}")
     init_trackers(accelerator, f"palm_rlhf_{stage}", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator)
+    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
     if before is None:  # the actor starts equal to the LM: its samples are the "before" column
         before = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
         metrics.log(0, eval_score=before[1]["score"], eval_vader=before[1]["vader"])

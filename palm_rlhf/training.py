@@ -257,16 +257,18 @@ class GracefulStop:
 class MetricsLogger:
     """Appends `step,key,value` rows to run_dir/metrics.csv and forwards to accelerator.log.
 
-    Only the main process writes. Tensors and numpy scalars are logged as plain floats.
+    A fresh run starts the file anew (an earlier run's rows in the same folder would otherwise mix
+    with its own); `resume=True` appends to it. Only the main process writes. Tensors and numpy
+    scalars are logged as plain floats.
     """
 
-    def __init__(self, run_dir, accelerator=None):
+    def __init__(self, run_dir, accelerator=None, resume: bool = False):
         self.accelerator = accelerator
         self.path = Path(run_dir) / "metrics.csv"
         self.is_main = accelerator.is_main_process if accelerator else PartialState().is_main_process
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
+            if not (resume and self.path.exists()):
                 self.path.write_text("step,key,value\n")
 
     def log(self, step: int, **metrics) -> None:

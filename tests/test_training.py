@@ -163,6 +163,14 @@ def test_metrics_log_grows_columns_and_plots(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_fresh_run_starts_its_metrics_anew_and_a_resumed_run_appends(tmp_path):
+    training.MetricsLogger(tmp_path).log(150, kl=9.0)  # an earlier, longer run in the same folder
+    training.MetricsLogger(tmp_path).log(1, kl=1.0)
+    assert training.read_metrics(tmp_path / "metrics.csv") == {"kl": ([1], [1.0])}
+    training.MetricsLogger(tmp_path, resume=True).log(2, kl=2.0)
+    assert training.read_metrics(tmp_path / "metrics.csv") == {"kl": ([1, 2], [1.0, 2.0])}
+
+
 def test_trackers_are_optional():
     from accelerate import Accelerator
 
