@@ -182,7 +182,7 @@ def train(cfg: TrainVerifiableConfig) -> dict:
     train_problems = addition_problems("train", cfg.num_train_problems, cfg.digits, cfg.seed)
     heldout = addition_problems("heldout", cfg.num_eval_problems, cfg.digits, cfg.seed)
     curve_problems = heldout[: cfg.num_curve_problems]
-    metrics = MetricsLogger(out_dir)
+    metrics = MetricsLogger(out_dir, resume=(out_dir / "sft" / "sft_settings.json").is_file())  # a reused SFT model keeps its rows
 
     palm = load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator)
     before = pass_at_k_table(heldout, palm, cfg, ks, accelerator)
