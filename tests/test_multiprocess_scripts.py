@@ -14,7 +14,7 @@ from palm_rlhf.training import read_metrics
 
 IN_SYNC = "parameters identical across 2 process(es)"
 # tiny runs of each script (the LM and reward checkpoints of the RL stages come from the fixture)
-LM = ["--preset", "tiny", "--corpus", "reviews", "--seq_len", "32", "--batch_size", "4", "--eval_every", "100",
+LM = ["--preset", "tiny", "--tokenizer", "bytes", "--corpus", "reviews", "--seq_len", "32", "--batch_size", "4", "--eval_every", "100",
       "--eval_batches", "1", "--sample_every", "1000", "--sample_len", "40", "--checkpoint_every", "1"]
 REWARD = ["--lm_checkpoint", "none", "--preset", "tiny", "--batch_size", "4", "--max_len", "64", "--max_test", "8",
           "--eval_every", "100", "--finetune_last_n_layers", "1", "--checkpoint_every", "1"]

@@ -12,7 +12,7 @@ from palm_rlhf import PaLM
 from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--corpus", "reviews", "--seq_len", "32", "--batch_size", "4",
+TINY = ["--preset", "tiny", "--tokenizer", "bytes", "--corpus", "reviews", "--seq_len", "32", "--batch_size", "4",
         "--eval_every", "5", "--eval_batches", "2", "--sample_every", "1000", "--sample_len", "40"]
 
 
