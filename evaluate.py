@@ -50,7 +50,7 @@ class EvaluateConfig:
     samples: int = field(default=4, metadata={"help": "responses per prompt and policy"})
     best_of: str = field(default="1,2,4,8,16,32,64", metadata={"help": "N of best-of-N from the LM's samples (empty: none)"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out snippet used as its prompt"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens, as in training"})
+    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens, as in training (train_grpo.py's 40; about 128 for a byte-level LM)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every policy"})
     batch_size: int = field(default=256, metadata={"help": "sequences per generation or scoring batch"})
     out_dir: str = field(default="runs/eval", metadata={"help": "where frontier.csv and frontier.png go"})

@@ -1,8 +1,8 @@
 """Stage 3 without a critic: tune the language model with GRPO, Dr. GRPO or RLOO against the reward
 model (palm_rlhf/grpo.py).
 
-    python train_grpo.py                        # runs/lm/final + runs/reward/final -> runs/grpo/final
-    python train_grpo.py --estimator rloo --kl_in reward --out_dir runs/rloo
+    python train_grpo.py                        # RLOO: runs/lm/final + runs/reward/final -> runs/grpo/final, ~3 min
+    python train_grpo.py --estimator grpo --kl_in loss --beta 0.04 --out_dir runs/grpo_k3   # as DeepSeekMath
     python train_grpo.py --resume               # continue a killed run where it stopped
 
 Each iteration samples --group_size responses to each of --prompts_per_step prompts; a response's
@@ -24,19 +24,19 @@ from palm_rlhf.training import available_trackers, parse_config, set_seed
 class TrainGRPOConfig(RLStageConfig):
     """Tune a PaLM with group-relative, critic-free RL against a reward model; checkpoints resume; metrics go to CSV and a plot."""
 
-    estimator: str = field(default="grpo", metadata={"help": "advantage: grpo ((r - mean) / std), dr_grpo (r - mean) or rloo (r - mean of the others)"})
+    estimator: str = field(default="rloo", metadata={"help": "advantage: rloo (r - mean of the others), grpo ((r - mean) / std) or dr_grpo (r - mean)"})
     group_size: int = field(default=8, metadata={"help": "responses sampled per prompt (G)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per iteration and process"})
-    iterations: int = field(default=50, metadata={"help": "iterations (rollouts of prompts_per_step x group_size + updates)"})
+    iterations: int = field(default=120, metadata={"help": "iterations (rollouts of prompts_per_step x group_size + updates)"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per update"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens (bytes with the byte tokenizer: most review snippets end well within 128)"})
+    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the policy's LoRA"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 skips the reference model entirely"})
-    kl_in: str = field(default="loss", metadata={"help": "loss (k3 per token, as GRPO) or reward (k1 per response subtracted from the score, as PPO)"})
+    beta: float = field(default=0.2, metadata={"help": "KL coefficient; 0 skips the reference model entirely"})
+    kl_in: str = field(default="reward", metadata={"help": "loss (k3 per token, as GRPO) or reward (k1 per response subtracted from the score, as PPO)"})
     loss_aggregation: str = field(default="token", metadata={"help": "token (mean over the batch's tokens, DAPO), sequence (mean of per-response means, GRPO) or constant (sum / responses x budget, Dr. GRPO)"})
     eps_clip: float = field(default=0.2, metadata={"help": "clip range of the policy ratio (lower side, and upper unless eps_clip_high)"})
     eps_clip_high: float | None = field(default=None, metadata={"help": "upper clip range (DAPO's clip-higher, e.g. 0.28); none = eps_clip"})

@@ -1,6 +1,6 @@
 """Stage 3: tune the language model with PPO against the reward model (palm_rlhf/ppo.py).
 
-    python train_ppo.py                   # runs/lm/final + runs/reward/final -> runs/ppo/final
+    python train_ppo.py                   # runs/lm/final + runs/reward/final -> runs/ppo/final, ~4 min
     python train_ppo.py --resume          # continue a killed run where it stopped
 
 Prompts are the first --prompt_words words of the held-out `prompts` split of the rated movie-review
@@ -24,16 +24,16 @@ from palm_rlhf.training import available_trackers, parse_config, set_seed
 class TrainPPOConfig(RLStageConfig):
     """Tune a PaLM with PPO against a reward model; checkpoints resume; metrics go to CSV and a plot."""
 
-    iterations: int = field(default=50, metadata={"help": "PPO iterations (rollout batch + updates)"})
+    iterations: int = field(default=150, metadata={"help": "PPO iterations (rollout batch + updates)"})
     rollout_batch_size: int = field(default=32, metadata={"help": "responses sampled per iteration and process"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per PPO update"})
     epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=128, metadata={"help": "prompt + response tokens (bytes with the byte tokenizer: most review snippets end well within 128)"})
+    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     actor_lr: float = field(default=1e-3, metadata={"help": "learning rate of the actor's LoRA"})
     critic_lr: float = field(default=1e-3, metadata={"help": "learning rate of the critic's LoRA and value head"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of actor and critic"})
-    beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial value when adaptive)"})
+    beta: float = field(default=0.2, metadata={"help": "KL penalty coefficient (initial value when adaptive)"})
     kl_target: float | None = field(default=None, metadata={"help": "target KL per response for an adaptive beta; none keeps beta fixed"})
     kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller, in responses"})
     gamma: float = field(default=1.0, metadata={"help": "discount of GAE"})
@@ -43,7 +43,7 @@ class TrainPPOConfig(RLStageConfig):
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "subtracted from the score of a response without EOS (none disables)"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the score of a response without EOS (none disables)"})
     rollout_memmap_dir: str | None = field(default=None, metadata={"help": "keep rollouts in memory-mapped files in this folder"})
     best_of: str = field(default="1,4", metadata={"help": "N of the best-of-N comparison at the end (evaluate.py draws the whole curve)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})

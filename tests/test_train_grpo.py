@@ -38,7 +38,7 @@ def test_runs_end_to_end_resumes_and_leaves_a_loadable_policy(tmp_path, checkpoi
     run = tmp_path / "run"
     out = run_script(*TINY, *checkpoints, "--iterations", "2", "--checkpoint_every", "1", "--out_dir", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
-    for row in ("before GRPO (the LM)", "after GRPO", "best-of-1, before GRPO", "best-of-2, before GRPO"):
+    for row in ("before RLOO (the LM)", "after RLOO", "best-of-1, before RLOO", "best-of-2, before RLOO"):  # RLOO: the default
         assert row in out.stdout
     metrics = read_metrics(run / "metrics.csv")
     for key in ("score", "kl", "vader", "approx_kl", "clip_fraction", "zero_variance_groups", "eval_score", "eval_vader"):
@@ -75,6 +75,6 @@ def test_an_ensemble_of_reward_models(tmp_path, checkpoints):  # noqa: F811
     out = run_script(*TINY, "--lm_checkpoint", lm, "--reward_checkpoint", f"{reward},{tmp_path / 'reward_2'}",
                      "--ensemble", "min", "--iterations", "1", "--best_of", "1", "--out_dir", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "after GRPO" in out.stdout and not PaLM.from_pretrained(run / "final").finetune_modules
+    assert "after RLOO" in out.stdout and not PaLM.from_pretrained(run / "final").finetune_modules
     out = run_script(*TINY, "--lm_checkpoint", lm, "--reward_checkpoint", f"{reward},{tmp_path / 'missing'}", "--out_dir", str(run))
     assert out.returncode != 0 and "missing: no such folder; run train_reward.py first" in out.stderr
