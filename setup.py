@@ -22,7 +22,7 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "matplotlib", "vaderSentiment==3.3.2"],
+        "test": ["pytest", "pytest-django==4.14.0", "matplotlib", "vaderSentiment==3.3.2"],
         "feedback": ["django==5.2.19", "waitress==3.0.2"],
     },
     package_data={"palm_rlhf.feedback": ["templates/feedback/*.html", "static/feedback/*"]},
