@@ -30,8 +30,6 @@ class TrainGRPOConfig(RLStageConfig):
     iterations: int = field(default=120, metadata={"help": "iterations (rollouts of prompts_per_step x group_size + updates)"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per update"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the policy's LoRA"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

@@ -28,8 +28,6 @@ class TrainPPOConfig(RLStageConfig):
     rollout_batch_size: int = field(default=32, metadata={"help": "responses sampled per iteration and process"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per PPO update"})
     epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
     actor_lr: float = field(default=1e-3, metadata={"help": "learning rate of the actor's LoRA"})
     critic_lr: float = field(default=1e-3, metadata={"help": "learning rate of the critic's LoRA and value head"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of actor and critic"})

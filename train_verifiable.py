@@ -96,12 +96,18 @@ def curve_point(palm, problems, cfg) -> dict:
     return {"heldout_pass@1": mean_pass_at_k(correct, 8, 1)[0], "heldout_pass@8": mean_pass_at_k(correct, 8, 8)[0]}
 
 
+def sft_settings_file(out_dir) -> Path:
+    """Written beside the SFT model once it is saved: its presence means a later run reuses it."""
+    return Path(out_dir) / "sft" / "sft_settings.json"
+
+
 def load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator) -> PaLM:
     """Stage a): the SFT model, read from out_dir/sft when a run with the same SFT settings left it."""
-    sft_dir = Path(cfg.out_dir) / "sft"
+    settings_file = sft_settings_file(cfg.out_dir)
+    sft_dir = settings_file.parent
     settings = {name: getattr(cfg, name) for name in SFT_FIELDS}
-    if (sft_dir / "sft_settings.json").is_file():
-        saved = json.loads((sft_dir / "sft_settings.json").read_text())
+    if settings_file.is_file():
+        saved = json.loads(settings_file.read_text())
         if saved != settings:
             changed = sorted(k for k in settings if saved.get(k) != settings[k])
             raise SystemExit(f"{sft_dir} was fine-tuned with other settings ({', '.join(changed)}); "
@@ -136,7 +142,7 @@ def load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator)
         if step % cfg.eval_every == 0 or step == cfg.sft_steps:
             metrics.log(step, **curve_point(palm, curve_problems, cfg))
     palm.save(sft_dir)
-    (sft_dir / "sft_settings.json").write_text(json.dumps(settings, indent=2))
+    settings_file.write_text(json.dumps(settings, indent=2))
     return palm
 
 
@@ -182,7 +188,7 @@ def train(cfg: TrainVerifiableConfig) -> dict:
     train_problems = addition_problems("train", cfg.num_train_problems, cfg.digits, cfg.seed)
     heldout = addition_problems("heldout", cfg.num_eval_problems, cfg.digits, cfg.seed)
     curve_problems = heldout[: cfg.num_curve_problems]
-    metrics = MetricsLogger(out_dir, resume=(out_dir / "sft" / "sft_settings.json").is_file())  # a reused SFT model keeps its rows
+    metrics = MetricsLogger(out_dir, resume=sft_settings_file(out_dir).is_file())  # a reused SFT model keeps its rows
 
     palm = load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator)
     before = pass_at_k_table(heldout, palm, cfg, ks, accelerator)

@@ -29,7 +29,7 @@ from palm_rlhf.training import (
 
 @dataclass
 class RLStageConfig:
-    """The options train_ppo.py and train_grpo.py share: the models and the prompts."""
+    """The options train_ppo.py and train_grpo.py share: the models, the prompts and the sampling."""
 
     lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder (the policy and the frozen reference)"})
     reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "train_reward.py's final folder, attached to the policy's base; several, comma-separated: an ensemble"})
@@ -37,6 +37,8 @@ class RLStageConfig:
     uncertainty_weight: float = field(default=1.0, metadata={"help": "lambda of --ensemble uwo"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out review snippet used as a prompt"})
     num_eval_prompts: int = field(default=256, metadata={"help": "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)"})
+    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
 
 
 def mean_vader(texts) -> float:
