@@ -9,8 +9,8 @@ setup(
     packages=find_packages(exclude=("tests", "benchmarks")),
     python_requires=">=3.10",
     install_requires=[
-        # any torch >= 2.1 works; pin torch==2.13.0 yourself on a CPU-only machine (see README)
-        "torch>=2.1",
+        # torch >= 2.5 for torch.distributed.tensor (FSDP2); pin torch==2.13.0 yourself on a CPU-only machine (see README)
+        "torch>=2.5",
         "einops>=0.7",
         "beartype",
         "accelerate>=0.30",
@@ -22,7 +22,10 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-django==4.14.0", "matplotlib", "vaderSentiment==3.3.2"],
+        # deepspeed and transformers for tests/test_deepspeed.py (Accelerate's DeepSpeed plugin imports transformers)
+        "deepspeed": ["deepspeed==0.19.8", "transformers==5.24.0"],
+        "test": ["pytest", "pytest-django==4.14.0", "matplotlib", "vaderSentiment==3.3.2", "deepspeed==0.19.8",
+                 "transformers==5.24.0"],
         "feedback": ["django==5.2.19", "waitress==3.0.2"],
     },
     package_data={"palm_rlhf.feedback": ["templates/feedback/*.html", "static/feedback/*"]},

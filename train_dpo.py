@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.data import (
@@ -42,10 +41,12 @@ from palm_rlhf.training import (
     checkpoint_exists,
     init_trackers,
     load_checkpoint,
+    make_accelerator,
     parse_config,
     plot_metrics,
     save_checkpoint,
     set_seed,
+    whole_copy,
 )
 
 
@@ -191,8 +192,9 @@ def train(cfg: TrainDPOConfig) -> dict:
     if cfg.method not in METHODS:
         raise SystemExit(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              log_with=available_trackers(), project_dir=str(out_dir))
+    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
+                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
+                                   project_dir=str(out_dir))
     set_seed(cfg.seed)
     palm = load_palm(cfg).to(accelerator.device)
     data, eval_pairs = load_training_data(cfg), load_eval_pairs(cfg)
@@ -209,7 +211,8 @@ def train(cfg: TrainDPOConfig) -> dict:
     if cfg.resume:
         if not checkpoint_exists(checkpoint_dir):
             raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
-        trainer.step = load_checkpoint(checkpoint_dir, model=palm, optimizer=trainer.optimizer, scheduler=trainer.scheduler)["step"]
+        trainer.step = load_checkpoint(checkpoint_dir, model=trainer.model, optimizer=trainer.optimizer,
+                                       scheduler=trainer.scheduler, accelerator=accelerator)["step"]
     init_trackers(accelerator, "palm_rlhf_dpo", asdict(cfg))
     metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
 
@@ -225,7 +228,7 @@ def train(cfg: TrainDPOConfig) -> dict:
             accelerator.print(f"step {step}: held-out preference accuracy {held_out['pref_accuracy']:.3f}, "
                               f"reward margin {held_out['reward_margin']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(checkpoint_dir, accelerator=accelerator, model=palm, optimizer=trainer.optimizer,
+            save_checkpoint(checkpoint_dir, accelerator=accelerator, model=trainer.model, optimizer=trainer.optimizer,
                             scheduler=trainer.scheduler, step=step, config=asdict(palm.config),
                             extra=dict(train_config=asdict(cfg)))
 
@@ -233,14 +236,15 @@ def train(cfg: TrainDPOConfig) -> dict:
     check_in_sync(accelerator, trainer.model)
     after = trainer.evaluate(eval_pairs)
     summary = {}
+    tuned = whole_copy(accelerator, trainer.model, palm)
     if accelerator.is_main_process:
-        report = generation_report(palm, trainer.scope, cfg)
+        report = generation_report(tuned, trainer.scope, cfg)
         summary = dict(method=cfg.method, beta=cfg.beta, steps=cfg.steps, pref_accuracy_before=before["pref_accuracy"],
                        **{k: v for k, v in after.items()}, **report)
         metrics.log(cfg.steps, vader_before=report["vader_before"], vader_after=report["vader_after"],
                     kl_per_token=report["kl_per_token"], kl_per_response=report["kl_per_response"])
-        palm.merge_finetune_params(trainer.scope)  # the final model needs no adapters
-        palm.save(out_dir / "final")
+        tuned.merge_finetune_params(trainer.scope)  # the final model needs no adapters
+        tuned.save(out_dir / "final")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         reward_keys = ["chosen_reward", "rejected_reward"] if cfg.method != "kto" else ["desirable_reward", "undesirable_reward"]
         plot_metrics(out_dir / "metrics.csv", out_dir / f"{cfg.method}.png",

@@ -13,11 +13,10 @@ Leaves runs/grpo/final (the policy with its adapters merged; PaLM.from_pretraine
 import sys
 from dataclasses import dataclass, field
 
-from accelerate import Accelerator
 
 from palm_rlhf.grpo import GRPOTrainer, check_options
 from palm_rlhf.rl_stage import RLStageConfig, load_models, run_rl_stage, split_prompts
-from palm_rlhf.training import available_trackers, parse_config, set_seed
+from palm_rlhf.training import available_trackers, make_accelerator, parse_config, set_seed
 
 
 @dataclass
@@ -53,7 +52,8 @@ def train(cfg: TrainGRPOConfig) -> dict:
         check_options(cfg.estimator, cfg.group_size, cfg.beta, cfg.kl_in, cfg.loss_aggregation)
     except ValueError as error:
         raise SystemExit(f"train_grpo.py: {error}") from None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=cfg.out_dir)
+    accelerator = make_accelerator(cfg.minibatch_size, cfg.max_grad_norm, mixed_precision=cfg.mixed_precision,
+                                   log_with=available_trackers(), project_dir=cfg.out_dir)
     set_seed(cfg.seed)
     palm, reward_model = load_models(cfg)
     tokenizer = palm.tokenizer  # saved with the LM: bytes, or the BPE it was trained with

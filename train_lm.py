@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
@@ -35,6 +34,7 @@ from palm_rlhf.training import (
     init_trackers,
     load_checkpoint,
     lr_lambda_warmup_cosine,
+    make_accelerator,
     parse_config,
     plot_metrics,
     save_checkpoint,
@@ -119,8 +119,9 @@ def build_optimizer(palm, cfg):
 
 def train(cfg: TrainLMConfig):
     out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              log_with=available_trackers(), project_dir=str(out_dir))
+    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
+                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
+                                   project_dir=str(out_dir))
     set_seed(cfg.seed)
     try:
         with accelerator.main_process_first():  # one process tokenizes, the others read its cache
@@ -139,12 +140,14 @@ def train(cfg: TrainLMConfig):
     # optimizer steps, whatever the number of processes
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     checkpoint_dir = out_dir / "checkpoint"
+    if cfg.resume and not checkpoint_exists(checkpoint_dir):
+        raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
+    n_params = sum(p.numel() for p in palm.parameters())  # before ZeRO-3 leaves each process its part
+    palm, optimizer = accelerator.prepare(palm, optimizer)
     start_step = 0
     if cfg.resume:
-        if not checkpoint_exists(checkpoint_dir):
-            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
-        start_step = load_checkpoint(checkpoint_dir, model=palm, optimizer=optimizer, scheduler=scheduler)["step"]
-    palm, optimizer = accelerator.prepare(palm, optimizer)
+        start_step = load_checkpoint(checkpoint_dir, model=palm, optimizer=optimizer, scheduler=scheduler,
+                                     accelerator=accelerator)["step"]
     unwrapped = accelerator.unwrap_model(palm)
     init_trackers(accelerator, "palm_rlhf_lm", asdict(cfg))
     metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
@@ -154,7 +157,6 @@ def train(cfg: TrainLMConfig):
                         scheduler=scheduler, step=step, config=asdict(unwrapped.config),
                         extra=dict(train_config=asdict(cfg)))
 
-    n_params = sum(p.numel() for p in unwrapped.parameters())
     accelerator.print(f"PaLM {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_windows) / 1e6:.1f}M training tokens "
                       f"({tokenizer.vocab_size}-token {type(tokenizer).__name__}, {valid_bytes_per_token:.2f} bytes per token), "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
@@ -188,8 +190,10 @@ def train(cfg: TrainLMConfig):
             metrics.log(done, val_loss=val_loss, val_bpb=val_bpb)
             if accelerator.is_main_process:
                 progress.write(f"step {done}: val loss {val_loss:.4f}, {val_bpb:.3f} bits/byte")
-        if accelerator.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
-            progress.write(f"step {done} sample: {sample_text(unwrapped, cfg, tokenizer)!r}")
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            sample = sample_text(unwrapped, cfg, tokenizer)  # on every process: sharded weights decode together
+            if accelerator.is_main_process:
+                progress.write(f"step {done} sample: {sample!r}")
         if stop.requested_on_any(accelerator):
             save(done)
             accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")

@@ -13,11 +13,10 @@ Leaves runs/ppo/final (the policy with its adapters merged; PaLM.from_pretrained
 import sys
 from dataclasses import dataclass, field
 
-from accelerate import Accelerator
 
 from palm_rlhf.ppo import RLHFTrainer
 from palm_rlhf.rl_stage import RLStageConfig, load_models, run_rl_stage, split_prompts
-from palm_rlhf.training import available_trackers, parse_config, set_seed
+from palm_rlhf.training import available_trackers, make_accelerator, parse_config, set_seed
 
 
 @dataclass
@@ -52,7 +51,8 @@ class TrainPPOConfig(RLStageConfig):
 
 
 def train(cfg: TrainPPOConfig) -> dict:
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=cfg.out_dir)
+    accelerator = make_accelerator(cfg.minibatch_size, cfg.max_grad_norm, mixed_precision=cfg.mixed_precision,
+                                   log_with=available_trackers(), project_dir=cfg.out_dir)
     set_seed(cfg.seed)
     palm, reward_model = load_models(cfg)
     tokenizer = palm.tokenizer  # saved with the LM: bytes, or the BPE it was trained with

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM, PaLMConfig
@@ -50,6 +49,7 @@ from palm_rlhf.training import (
     init_trackers,
     load_checkpoint,
     lr_lambda_warmup_cosine,
+    make_accelerator,
     parse_config,
     plot_metrics,
     save_checkpoint,
@@ -318,8 +318,9 @@ def training_loss(model, palm, data, cfg, step, rank, device) -> torch.Tensor:
 
 def train(cfg: TrainRewardConfig) -> dict:
     out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              log_with=available_trackers(), project_dir=str(out_dir))
+    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
+                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
+                                   project_dir=str(out_dir))
     set_seed(cfg.seed)
     data = load_data(cfg)
     model = build_model(cfg)
@@ -327,13 +328,14 @@ def train(cfg: TrainRewardConfig) -> dict:
     # stepped once per optimizer step, not handed to accelerator.prepare (as in train_lm.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     checkpoint_dir = out_dir / "checkpoint"
+    if cfg.resume and not checkpoint_exists(checkpoint_dir):
+        raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
+    model, optimizer = accelerator.prepare(model, optimizer)
     start_step = 0
     if cfg.resume:
-        if not checkpoint_exists(checkpoint_dir):
-            raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
-        start_step = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        start_step = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     accelerator=accelerator)["step"]
         accelerator.print(f"resumed at step {start_step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     init_trackers(accelerator, "palm_rlhf_reward", asdict(cfg))
     metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)

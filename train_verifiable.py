@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM, PaLMConfig
@@ -38,7 +37,7 @@ from palm_rlhf.tasks import (
     mean_pass_at_k,
     verifiable_reward_fn,
 )
-from palm_rlhf.training import MetricsLogger, check_finite, lr_lambda_warmup_cosine, parse_config, plot_metrics, set_seed
+from palm_rlhf.training import check_finite, lr_lambda_warmup_cosine, make_accelerator, MetricsLogger, parse_config, plot_metrics, set_seed
 
 SFT_FIELDS = ("lm_checkpoint", "preset", "digits", "num_train_problems", "sft_steps", "sft_batch_size", "sft_lr",
               "sft_warmup_steps", "seed")
@@ -183,7 +182,7 @@ def train(cfg: TrainVerifiableConfig) -> dict:
         raise SystemExit(f"--pass_at {cfg.pass_at}: each k must be in 1..eval_samples ({cfg.eval_samples})")
     started = time.time()
     out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(cfg.minibatch_size, max_grad_norm=1.0)
     set_seed(cfg.seed)
     train_problems = addition_problems("train", cfg.num_train_problems, cfg.digits, cfg.seed)
     heldout = addition_problems("heldout", cfg.num_eval_problems, cfg.digits, cfg.seed)

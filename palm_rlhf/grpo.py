@@ -214,6 +214,10 @@ class GRPOTrainer(PolicyTrainer):
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
 
     @property
+    def prepared(self) -> Actor:  # as Accelerate wrapped it: DDP, a DeepSpeed engine, FSDP
+        return self.actor
+
+    @property
     def unwrapped(self) -> Actor:
         return self.accelerator.unwrap_model(self.actor)
 

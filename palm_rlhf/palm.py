@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from palm_rlhf.compat import GENERATE, PALM, palm_scopes, upstream_keywords
@@ -621,6 +623,7 @@ class PaLM(nn.Module):
         prompt_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         num_samples_per_prompt: int = 1,
+        synced_gpus: bool | None = None,
     ):
         """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
 
@@ -634,6 +637,9 @@ class PaLM(nn.Module):
         EOS, by default the model's; `use_tqdm` shows the decoding steps.
         `num_samples_per_prompt=G` draws G samples of each prompt, rows b * G, prompt i's in rows
         i * G .. i * G + G - 1; with the cache, each prompt is encoded once and its cache shared.
+        `synced_gpus` (transformers' name): every process decodes until all processes' rows have
+        ended, which sharded weights need (FSDP2, ZeRO-3: each step's forward is a collective that
+        every process must join); by default on exactly when the weights are sharded over processes.
         Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
         `return_log_probs`, also their log-probs under softmax(logits / temperature) (the policy that
         PPO optimises; top-k/top-p only restrict what is sampled), 0 at PAD.
@@ -658,10 +664,13 @@ class PaLM(nn.Module):
         if num_samples_per_prompt < 1:
             raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}")
         scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
+        synced_gpus = weights_sharded(self) if synced_gpus is None else synced_gpus
+        # synced, every process takes as many decoding steps as the one with the shortest prompt
+        steps = reduce_int(num_new, dist.ReduceOp.MAX, self.device) if synced_gpus else num_new
 
         cache = None
         if use_cache:
-            cache = KVCache(len(self.layers), b, seq_len, self.config.dim_head, self.device,
+            cache = KVCache(len(self.layers), b, n + steps, self.config.dim_head, self.device,
                             activation_dtype(self.token_emb.weight), self.xpos_scale_base)
             logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
             if num_samples_per_prompt > 1:
@@ -673,10 +682,10 @@ class PaLM(nn.Module):
             seq, seq_mask = prompt, prompt_mask
             logits = self(seq, mask=seq_mask, **scope)[:, -1]
 
-        tokens = torch.full((b, num_new), pad_id, dtype=torch.long, device=self.device)
-        log_probs = torch.zeros(b, num_new, device=self.device)
+        tokens = torch.full((b, steps), pad_id, dtype=torch.long, device=self.device)
+        log_probs = torch.zeros(b, steps, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for t in tqdm(range(num_new), desc="generate", disable=not use_tqdm):
+        for t in tqdm(range(steps), desc="generate", disable=not use_tqdm):
             token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator, return_log_probs,
                                            logits_filter)
             if eos_token is not None:  # rows that have ended get PAD, at log-prob 0
@@ -686,7 +695,10 @@ class PaLM(nn.Module):
             tokens[:, t] = token
             if return_log_probs:
                 log_probs[:, t] = log_prob
-            if t == num_new - 1 or (eos_token is not None and bool(done.all())):
+            finished = t >= num_new - 1 or (eos_token is not None and bool(done.all()))
+            if synced_gpus:
+                finished = bool(reduce_int(finished, dist.ReduceOp.MIN, self.device))
+            if finished:
                 break
             step = token[:, None]  # (b, 1)
             if use_cache:
@@ -697,6 +709,7 @@ class PaLM(nn.Module):
                 logits = self(seq, mask=seq_mask, **scope)[:, -1]
 
         self.train(was_training)
+        tokens, log_probs = tokens[:, :num_new], log_probs[:, :num_new]
         if not return_seq_without_prompt:
             tokens = torch.cat((prompt, tokens), dim=1)
         if unbatched:
@@ -800,6 +813,20 @@ class PaLM(nn.Module):
             check_vocab_size(tokenizer, model.num_tokens, where=f"the model in {weights.parent}")
             model.tokenizer = tokenizer
         return model.load(path)
+
+
+def weights_sharded(module: nn.Module) -> bool:
+    """Whether `module`'s weights are split over processes: FSDP2 makes them DTensors, ZeRO-3
+    partitions them (and marks each with a `ds_id`)."""
+    weight = next(module.parameters())
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+
+
+def reduce_int(value: int, op, device) -> int:
+    """`value` reduced over every process (dist.ReduceOp.MIN / MAX)."""
+    reduced = torch.tensor(int(value), device=device)
+    dist.all_reduce(reduced, op=op)
+    return int(reduced)
 
 
 def save_state_dict(state_dict: dict, path, module: nn.Module, metadata: dict | None = None):

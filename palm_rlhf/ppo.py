@@ -38,7 +38,6 @@ Where this departs from InstructGPT / Ziegler et al.:
    10. On several processes, each samples its own rollout and whitens its advantages over it (not
        over all processes' rollouts); the gradients are averaged over processes.
 """
-import copy
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 from palm_rlhf.compat import PPO_TRAIN, RLHF_TRAINER, ppo_episodes, rlhf_trainer_inputs, upstream_keywords
 from palm_rlhf.palm import PaLM, left_pad
 from palm_rlhf.tokenizer import ByteTokenizer, check_vocab_size
+from palm_rlhf.training import whole_copy
 
 # ---------------------------------------------------------------------------------------------------
 # the maths: masks are bool, True at response tokens
@@ -455,16 +455,21 @@ class PolicyTrainer:
         return (best_seq, scores, best) if return_scores else best_seq
 
     def policy(self) -> PaLM:
-        """A copy of the tuned policy with the actor adapters merged and no other scope: a plain PaLM."""
-        policy = copy.deepcopy(self.palm)
+        """A copy of the tuned policy with the actor adapters merged and no other scope: a plain PaLM.
+        Sharded weights (ZeRO-3, FSDP) are gathered: call it on every process then; the main
+        process's copy is the policy."""
+        policy = whole_copy(self.accelerator, self.prepared, self.palm)
         policy.merge_finetune_params(self.actor_scope)
         for scope in list(policy.finetune_modules):
             policy.remove_finetune_params(scope)
         return policy.requires_grad_(True)
 
     def save_policy(self, path):
-        """Saves `policy()` with PaLM.save: PaLM.from_pretrained(path) loads it."""
-        self.policy().save(path)
+        """Saves `policy()` with PaLM.save: PaLM.from_pretrained(path) loads it. Call it on every
+        process; the main process writes."""
+        policy = self.policy()
+        if self.accelerator.is_main_process:
+            policy.save(path)
 
 
 class RLHFTrainer(PolicyTrainer):
@@ -538,6 +543,10 @@ class RLHFTrainer(PolicyTrainer):
                  weight_decay=weight_decay if critic_weight_decay is None else critic_weight_decay),
         ], weight_decay=weight_decay, betas=betas)
         self.actor_critic, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
+
+    @property
+    def prepared(self) -> ActorCritic:  # as Accelerate wrapped it: DDP, a DeepSpeed engine, FSDP
+        return self.actor_critic
 
     @property
     def unwrapped(self) -> ActorCritic:

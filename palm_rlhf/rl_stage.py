@@ -138,7 +138,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
     if cfg.resume:
         if not checkpoint_exists(checkpoint_dir):
             raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
-        state = load_checkpoint(checkpoint_dir, model=model, optimizer=trainer.optimizer)
+        state = load_checkpoint(checkpoint_dir, model=model, optimizer=trainer.optimizer, accelerator=accelerator)
         start, before = state["step"], {int(n): v for n, v in state["extra"]["before"].items()}
         trainer.iteration = start  # iteration `start` draws its prompts and samples as it would have
         if restore_state is not None:
@@ -179,8 +179,8 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
     save(cfg.iterations)
     after = evaluate(trainer, eval_prompts, cfg)
     metrics.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
+    trainer.save_policy(out_dir / "final")
     if accelerator.is_main_process:
-        trainer.save_policy(out_dir / "final")
         plot_metrics(out_dir / "metrics.csv", out_dir / f"{stage}.png", plot_panels)
         kl = f"{stats['kl']:.3f} nats per response" if "kl" in stats else "not measured"
         print(f"\non {len(eval_prompts)} held-out prompts, sampled at seed {cfg.seed} (KL to the LM at the end: {kl})")

@@ -6,6 +6,9 @@ Checkpoint layout (one resumable checkpoint per run, replaced as training goes):
                                            PaLM.from_pretrained can read the folder)
     run_dir/checkpoint/trainer_state.pt    step, extra, optimizer, scheduler, every process's RNGs;
                                            loads with torch.load(weights_only=True)
+    run_dir/checkpoint/sharded/            ZeRO or FSDP only: each process's part of the weights and
+                                           the optimizer state (Accelerate's save_state), which then
+                                           replaces the optimizer in trainer_state.pt
 A script saves its finished model the same way to run_dir/final. A save writes a temporary folder
 and swaps it in only when complete, so a crash mid-save leaves the previous checkpoint readable.
 
@@ -13,6 +16,7 @@ metrics.csv is in long format, one `step,key,value` row per metric: new keys nee
 and a resumed run just appends (readers keep the last value written for each step and key).
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -26,13 +30,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import extract_model_from_parallel, gather_object, set_seed  # noqa: F401
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (  # noqa: F401 (set_seed is re-exported)
+    DistributedType,
+    InitProcessGroupKwargs,
+    extract_model_from_parallel,
+    gather_object,
+    set_seed,
+)
 from safetensors.torch import load_model
 
-from palm_rlhf.palm import save_state_dict
+from palm_rlhf.palm import PaLM, save_state_dict, weights_sharded
 
 # set_seed(seed) is accelerate's: it seeds python, numpy and torch (and CUDA) in one call.
+
+
+# processes
+
+
+def make_accelerator(micro_batch_size: int, max_grad_norm: float, **kwargs) -> Accelerator:
+    """Accelerator(**kwargs), readied for DeepSpeed, which takes settings from its config that the
+    scripts set: `micro_batch_size`, what one process feeds one forward and backward (Accelerate
+    reads it from a prepared DataLoader, which the scripts do not use), the gradient accumulation
+    steps given, and `max_grad_norm` (0: none), as DeepSpeed clips the gradients itself, one norm
+    over all trained parameters, and a script's own clipping finds no gradients to clip. Without a GPU, DeepSpeed's
+    processes talk over gloo: Accelerate picks the backend from the device and has none for
+    DeepSpeed on CPU, so each process would count itself alone while ZeRO shards over all."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available():
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(**kwargs)
+    if accelerator.state.deepspeed_plugin is not None:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+        config["gradient_clipping"] = max_grad_norm
+    return accelerator
 
 
 # configuration
@@ -132,23 +165,29 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
 
     Call it on every process: each contributes its RNG state, only the main process writes, and
     all return once the checkpoint is complete. `accelerator=None` means a single process.
-    The weights are gathered whole (FSDP, ZeRO-3); the optimizer state is the main process's, which
-    is the whole of it for a single process or DDP only.
+    The weights are gathered whole (FSDP, ZeRO-3). The optimizer state is the main process's, the
+    whole of it for one process or DDP; where each process holds only its part (ZeRO, FSDP), every
+    process writes its part with Accelerate's save_state to directory/sharded instead.
     """
     directory = Path(directory)
     state = accelerator or PartialState()
     rng_states = gather_object([_rng_state()])  # one per process, so each resumes its own stream
     weights = full_state_dict(accelerator, model)
+    temporary = directory.with_name(directory.name + ".tmp")
     if state.is_main_process:
-        temporary = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
+    sharded = optimizer_sharded(accelerator)
+    if sharded:
+        state.wait_for_everyone()
+        accelerator.save_state(str(temporary / "sharded"))
+    if state.is_main_process:
         save_state_dict(weights, temporary / "model.safetensors", extract_model_from_parallel(model))
         (temporary / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         trainer_state = dict(
             step=step,
             extra=extra or {},
-            optimizer=optimizer.state_dict() if optimizer else None,
+            optimizer=optimizer.state_dict() if optimizer and not sharded else None,
             scheduler=scheduler.state_dict() if scheduler else None,
             rng=rng_states,
         )
@@ -158,12 +197,34 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
     return directory
 
 
+def optimizer_sharded(accelerator) -> bool:
+    """Whether each process holds only its part of the optimizer state (DeepSpeed ZeRO, FSDP)."""
+    return accelerator is not None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
 def full_state_dict(accelerator, model) -> dict:
     """The unwrapped model's whole state dict. Call it on every process: under FSDP or ZeRO-3 it
     gathers the shards (Accelerate's get_state_dict), so only the main process's copy is complete."""
     if accelerator is None:
         return extract_model_from_parallel(model).state_dict()
     return accelerator.get_state_dict(model)
+
+
+def whole_copy(accelerator, prepared, palm: PaLM) -> PaLM:
+    """A copy of `palm` (the model `prepared` by Accelerate, or the PaLM inside it) that holds all its
+    weights, to merge, sample from or save on one process. Sharded weights (ZeRO-3, FSDP) are
+    gathered: call it on every process then; the main process's copy is the whole one."""
+    if not weights_sharded(palm):
+        return copy.deepcopy(palm)
+    weights = full_state_dict(accelerator, prepared)
+    prefix = next(name for name, module in extract_model_from_parallel(prepared).named_modules() if module is palm)
+    prefix = prefix + "." if prefix else ""
+    whole = PaLM.from_config(palm.config)
+    whole.tokenizer = palm.tokenizer
+    if accelerator.is_main_process:
+        whole.load_state_dict({name.removeprefix(prefix): value for name, value in weights.items()
+                               if name.startswith(prefix)})
+    return whole
 
 
 def _swap_in(temporary: Path, directory: Path) -> None:
@@ -189,19 +250,27 @@ def _readable_checkpoint(directory: Path):
     return None
 
 
-def load_checkpoint(directory, *, model, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(directory, *, model, optimizer=None, scheduler=None, accelerator=None) -> dict:
     """Restore a checkpoint written by save_checkpoint; returns dict(step, extra).
 
     Loads the weights into the unwrapped model, the optimizer and scheduler states when given, and
-    this process's RNG states (process i takes the i-th saved, modulo the saved count).
+    this process's RNG states (process i takes the i-th saved, modulo the saved count). A checkpoint
+    whose optimizer state was saved in parts (ZeRO, FSDP) needs `accelerator`, after `prepare`:
+    Accelerate's load_state gives each process its part of the weights and the optimizer state.
     """
     found = _readable_checkpoint(Path(directory))
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    load_model(extract_model_from_parallel(model), str(found / "model.safetensors"))
     trainer_state = torch.load(found / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
+    if (found / "sharded").is_dir():
+        if not optimizer_sharded(accelerator):
+            raise ValueError(f"{found} holds its optimizer state in parts (ZeRO or FSDP): resume it under the same "
+                             "engine and number of processes, loading after accelerator.prepare")
+        accelerator.load_state(str(found / "sharded"))
+    else:
+        load_model(extract_model_from_parallel(model), str(found / "model.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     rng_states = trainer_state["rng"]
@@ -213,7 +282,11 @@ def check_in_sync(accelerator, model) -> None:
     """Raises RuntimeError if the processes' copies of `model` differ (a sum of its parameters,
     gathered from every process), else prints that they agree. Call it on every process: with
     data parallelism every copy must stay the same, and a process that drifted is a silent bug."""
-    checksum = sum(float(p.detach().double().sum()) for p in extract_model_from_parallel(model).parameters())
+    unwrapped = extract_model_from_parallel(model)
+    if weights_sharded(unwrapped):  # no process holds a whole copy to compare
+        accelerator.print(f"weights sharded across {accelerator.num_processes} process(es)")
+        return
+    checksum = sum(float(p.detach().double().sum()) for p in unwrapped.parameters())
     checksums = gather_object([checksum])
     if len(set(checksums)) != 1:
         raise RuntimeError(f"parameters differ across processes: {checksums}")

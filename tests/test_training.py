@@ -115,6 +115,14 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rngs(tmp
         assert torch.equal(tensor, continued[name]), name
 
 
+def test_a_checkpoint_sharded_by_zero_or_fsdp_will_not_resume_without_its_engine(tmp_path):
+    model, optimizer, scheduler = make_run(seed=0)
+    training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
+    (tmp_path / "checkpoint" / "sharded").mkdir()  # where each process's part of the optimizer state goes
+    with pytest.raises(ValueError, match="resume it under the same engine"):
+        training.load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer)
+
+
 def test_a_save_that_crashes_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer, scheduler = make_run(seed=0)
     training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
