@@ -8,7 +8,7 @@ does with configs/fsdp2.yaml: each ParallelBlock, then the whole PaLM.
 A tiny PaLM with a LoRA scope on its frozen base; each process takes STEPS AdamW steps on its own
 batch, samples greedily from the scope under FSDP, and gathers the full state dict to process 0,
 which writes it with PaLM.save to OUT_DIR/final. OUT_DIR/ranks.json holds, per process, the shape
-of its shard of the first block's fused input weight and the tokens it sampled. The test imports the
+of its shard of the first block's fused input weight and the tokens it sampled from its prompt. The test imports the
 builders below to redo the training on one process.
 """
 import json
@@ -40,6 +40,12 @@ def batch(rank: int) -> torch.Tensor:
     return torch.randint(0, 256, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(rank))
 
 
+def prompt(rank: int) -> torch.Tensor:
+    """Process 1's prompt is shorter, so it decodes more tokens than process 0, which must step
+    along: each forward under FSDP gathers weights from both (generate's synced_gpus)."""
+    return PROMPT[:, : PROMPT.shape[1] - 4 * rank]
+
+
 def train(palm: PaLM, tokens: torch.Tensor):
     optimizer = torch.optim.AdamW(palm.finetune_parameters("actor"), lr=LR)
     for _ in range(STEPS):
@@ -57,7 +63,7 @@ def main(out_dir: Path):
         fully_shard(layer, mesh=mesh)
     fully_shard(palm, mesh=mesh)  # the rest: embedding, final norm, the LoRA scope
     train(palm, batch(rank))
-    tokens = palm.generate(SEQ_LEN, prompt=PROMPT, finetune_scope="actor", temperature=0.0)
+    tokens = palm.generate(SEQ_LEN, prompt=prompt(rank), finetune_scope="actor", temperature=0.0)
     full = get_model_state_dict(palm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # to rank 0
     report = dict(shard=list(palm.layers[0].fused_in.weight.to_local().shape), tokens=tokens.tolist())
     reports = [None] * dist.get_world_size()

@@ -41,5 +41,7 @@ def test_the_gathered_model_is_one_process_trained_on_both_batches(launched):
 
 def test_sampling_under_fsdp_samples_what_the_gathered_model_samples(launched):
     ranks, gathered = launched
-    expected = gathered.generate(worker.SEQ_LEN, prompt=worker.PROMPT, finetune_scope="actor", temperature=0.0)
-    assert ranks[0]["tokens"] == ranks[1]["tokens"] == expected.tolist()
+    for rank, report in enumerate(ranks):  # prompts of two lengths: the processes decode in step
+        expected = gathered.generate(worker.SEQ_LEN, prompt=worker.prompt(rank), finetune_scope="actor", temperature=0.0)
+        assert report["tokens"] == expected.tolist()
+    assert len(ranks[1]["tokens"][0]) == len(ranks[0]["tokens"][0]) + 4
