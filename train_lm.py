@@ -208,6 +208,7 @@ def train(cfg: TrainLMConfig):
         unwrapped.save(out_dir / "final", state_dict=weights)
         plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
         print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
+    accelerator.wait_for_everyone()  # all leave together, once the main process has written
     accelerator.end_training()
 
 

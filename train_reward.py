@@ -402,6 +402,7 @@ def train(cfg: TrainRewardConfig) -> dict:
         plot_metrics(out_dir / "metrics.csv", out_dir / "reward.png", [p for p in panels if logged & set(p)])
         print_table(final, baselines, print)
         print(f"final reward model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'reward.png'}")
+    accelerator.wait_for_everyone()  # all leave together, once the main process has written
     accelerator.end_training()
     return dict(**final, **baselines)
 

@@ -816,10 +816,9 @@ class PaLM(nn.Module):
 
 
 def weights_sharded(module: nn.Module) -> bool:
-    """Whether `module`'s weights are split over processes: FSDP2 makes them DTensors, ZeRO-3
+    """Whether any of `module`'s weights are split over processes: FSDP2 makes them DTensors, ZeRO-3
     partitions them (and marks each with a `ds_id`)."""
-    weight = next(module.parameters())
-    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+    return any(isinstance(weight, DTensor) or hasattr(weight, "ds_id") for weight in module.parameters())
 
 
 def reduce_int(value: int, op, device) -> int:

@@ -130,7 +130,8 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
     what `extra_state()` saved, and trainer.iteration is set to the iteration resumed at); evaluate the LM (best-of-N on `eval_prompts`); log every
     iteration's stats and its rollouts' VADER to metrics.csv; save a checkpoint every
     cfg.checkpoint_every iterations and on Ctrl-C; then evaluate the tuned policy, save it merged to
-    out_dir/final, plot `plot_panels` to out_dir/<stage>.png and print the before/after table.
+    out_dir/final, plot `plot_panels` to out_dir/<stage>.png, print the before/after table, and end
+    the run (trackers closed, the process group destroyed).
     Returns dict(before, after), or {} when stopped early."""
     out_dir, checkpoint_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     best_of = best_of_sizes(cfg.best_of)
@@ -187,4 +188,6 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
         print(comparison_table(before, after, best_of, method))
         print(f"before: {before[1]['example']!r}\nafter:  {after['example']!r}")
         print(f"tuned policy in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / stage}.png")
+    accelerator.wait_for_everyone()  # all leave together, once the main process has written
+    accelerator.end_training()
     return dict(before=before, after=after)

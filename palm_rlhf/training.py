@@ -174,13 +174,14 @@ def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, sched
     rng_states = gather_object([_rng_state()])  # one per process, so each resumes its own stream
     weights = full_state_dict(accelerator, model)
     temporary = directory.with_name(directory.name + ".tmp")
+    sharded = optimizer_sharded(accelerator)
     if state.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    sharded = optimizer_sharded(accelerator)
-    if sharded:
+        (temporary / "sharded" if sharded else temporary).mkdir(parents=True)
+    if sharded:  # the folder exists before any process writes its part, and moves only once all have
         state.wait_for_everyone()
         accelerator.save_state(str(temporary / "sharded"))
+        state.wait_for_everyone()
     if state.is_main_process:
         save_state_dict(weights, temporary / "model.safetensors", extract_model_from_parallel(model))
         (temporary / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))

@@ -22,7 +22,10 @@ SHARDED = "weights sharded across 2 process(es)"
 
 def launch(script, run_dir, *args, config=ZERO3):
     out = accelerate_launch(ROOT / script, *args, "--out_dir", run_dir, config_file=config)
-    assert out.returncode == 0, out.stderr[-3000:]
+    if out.returncode:
+        log = run_dir.with_name(run_dir.name + ".stderr")
+        log.write_text(out.stderr)
+        raise AssertionError(f"{script} failed; its whole stderr is in {log}\n{out.stderr[-3000:]}")
     return out
 
 
