@@ -1,4 +1,4 @@
-"""Helpers shared by the train_*.py scripts: config, schedule, checkpoints, metrics, plots.
+"""Helpers shared by the train_*.py scripts: the Accelerator, config, schedule, checkpoints, metrics, plots.
 
 Checkpoint layout (one resumable checkpoint per run, replaced as training goes):
     run_dir/checkpoint/model.safetensors   the unwrapped model's weights (shared tensors stored once)
