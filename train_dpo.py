@@ -77,7 +77,8 @@ class TrainDPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     max_len: int = field(default=96, metadata={"help": "longest sequence in tokens (96 BPE tokens hold about 340 bytes; with a byte-level LM use about 320); longer responses are cut"})
     precompute_ref: bool = field(default=False, metadata={"help": "compute the reference log-probs of all training data once, not per batch"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
     num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts (the last N; 32 = train_ppo.py's) sampled before and after training"})

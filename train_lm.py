@@ -59,7 +59,8 @@ class TrainLMConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation runs"})
     eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     sample_every: int = field(default=200, metadata={"help": "steps between generated samples"})

@@ -43,7 +43,8 @@ class TrainPPOConfig(RLStageConfig):
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the score of a response without EOS (none disables)"})
     rollout_memmap_dir: str | None = field(default=None, metadata={"help": "keep rollouts in memory-mapped files in this folder"})
     best_of: str = field(default="1,4", metadata={"help": "N of the best-of-N comparison at the end (evaluate.py draws the whole curve)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between resumable checkpoints"})
     out_dir: str = field(default="runs/ppo", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, ppo.png"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})

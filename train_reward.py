@@ -86,7 +86,8 @@ class TrainRewardConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (Accelerate)"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
     eval_every: int = field(default=200, metadata={"help": "steps between held-out evaluations"})
     max_test: int | None = field(default=None, metadata={"help": "cap on held-out ratings and pairs evaluated (quick checks)"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})

@@ -237,7 +237,8 @@ class RewardModel(nn.Module):
         else:
             weights = mask.float() / mask.float().sum(dim=1, keepdim=True)  # (b, n), 0 at padding
             pooled = torch.einsum("b n d, b n -> b d", embeds.float(), weights).to(embeds.dtype)
-        logits = self.to_pred(self.dropout(pooled))
+        # the head keeps its own dtype: a base shared with a policy that DeepSpeed casts to bf16 stays fp32 here
+        logits = self.to_pred(self.dropout(pooled.to(self.to_pred.weight.dtype)))
         if not self.num_binned_output:
             logits = logits.squeeze(-1)  # (b,)
 

@@ -15,15 +15,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script, *args, num_processes: int = 2, config_file=None, timeout: int = 900):
+def accelerate_launch(script, *args, num_processes: int = 2, config_file=None, mixed_precision="no", timeout: int = 900):
     """`accelerate launch --multi_gpu --num_processes N script args` on CPU: `accelerate launch --cpu`
     starts one process unless MPI is set up, while the multi-GPU launcher (torchrun) with
     ACCELERATE_USE_CPU gives N gloo processes. With `config_file` (an engine's config, e.g.
-    configs/deepspeed_zero3.yaml), that config instead, with N processes and no mixed precision.
-    Returns the CompletedProcess."""
+    configs/deepspeed_zero3.yaml), that config instead, with N processes. `mixed_precision=None`
+    leaves the precision to the config. Returns the CompletedProcess."""
     engine = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(num_processes),
-              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--num_machines", "1", "--main_process_port", str(free_port()),
+              *(["--mixed_precision", mixed_precision] if mixed_precision else []),
               "--dynamo_backend", "no", str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}

@@ -20,8 +20,8 @@ ZERO3 = ROOT / "configs" / "deepspeed_zero3.yaml"
 SHARDED = "weights sharded across 2 process(es)"
 
 
-def launch(script, run_dir, *args, config=ZERO3):
-    out = accelerate_launch(ROOT / script, *args, "--out_dir", run_dir, config_file=config)
+def launch(script, run_dir, *args, config=ZERO3, mixed_precision="no"):
+    out = accelerate_launch(ROOT / script, *args, "--out_dir", run_dir, config_file=config, mixed_precision=mixed_precision)
     if out.returncode:
         log = run_dir.with_name(run_dir.name + ".stderr")
         log.write_text(out.stderr)
@@ -83,3 +83,17 @@ def test_dpo_and_the_reward_model_under_zero3_train_as_ddp_does(tmp_path, checkp
         assert SHARDED in launch(script, run / "zero3", *args, "--max_grad_norm", "0").stdout
         launch(script, run / "ddp", *args, "--max_grad_norm", "0", config=None)
         assert_same_weights(final_weights(run / "zero3"), final_weights(run / "ddp"), atol=1e-6)
+
+
+def test_the_configs_bf16_reaches_the_lm_and_ppo_whose_frozen_reward_head_stays_fp32(tmp_path, checkpoints):  # noqa: F811
+    # the shipped config's precision (bf16), as `accelerate launch --config_file` gives it: DeepSpeed
+    # casts the prepared model to bf16; PPO's reward model shares that base but keeps its fp32 head
+    launch("train_lm.py", tmp_path / "lm", *LM, "--steps", "2", mixed_precision=None)
+    assert {v.dtype for v in final_weights(tmp_path / "lm").values()} == {torch.bfloat16}
+    assert SHARDED in launch("train_ppo.py", tmp_path / "ppo", *checkpoints, *PPO, "--iterations", "1",
+                             mixed_precision=None).stdout
+    # the policy is merged in fp32 (whole_copy): the blocks' feedforward weights, which LoRA leaves alone, are bf16 values
+    policy = final_weights(tmp_path / "ppo")
+    ff_out = policy["layers.0.ff_out.weight"]
+    assert torch.equal(ff_out.to(torch.bfloat16).float(), ff_out)
+    PaLM.from_pretrained(tmp_path / "ppo" / "final")
