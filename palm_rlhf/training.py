@@ -60,6 +60,11 @@ def make_accelerator(micro_batch_size: int, max_grad_norm: float, **kwargs) -> A
     if deepspeed and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     accelerator = Accelerator(**kwargs)
+    asked = kwargs.get("gradient_accumulation_steps", 1)
+    if accelerator.gradient_accumulation_steps != asked:  # a launcher config's value wins in Accelerate, silently
+        raise ValueError(f"the accelerate config accumulates {accelerator.gradient_accumulation_steps} micro-batches per "
+                         f"step, the script {asked}: remove gradient_accumulation_steps from the config (the scripts "
+                         "that accumulate take --grad_accum)")
     if accelerator.state.deepspeed_plugin is not None:
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = micro_batch_size

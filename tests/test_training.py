@@ -123,6 +123,13 @@ def test_a_checkpoint_sharded_by_zero_or_fsdp_will_not_resume_without_its_engine
         training.load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer)
 
 
+def test_an_accelerate_config_that_overrides_the_scripts_accumulation_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # what accelerate launch sets from a config
+    with pytest.raises(ValueError, match="accumulates 4 micro-batches per step, the script 2"):
+        training.make_accelerator(8, 1.0, gradient_accumulation_steps=2)
+    assert training.make_accelerator(8, 1.0, gradient_accumulation_steps=4).gradient_accumulation_steps == 4
+
+
 def test_a_save_that_crashes_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer, scheduler = make_run(seed=0)
     training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
