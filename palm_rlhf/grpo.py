@@ -217,10 +217,6 @@ class GRPOTrainer(PolicyTrainer):
     def prepared(self) -> Actor:  # as Accelerate wrapped it: DDP, a DeepSpeed engine, FSDP
         return self.actor
 
-    @property
-    def unwrapped(self) -> Actor:
-        return self.accelerator.unwrap_model(self.actor)
-
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, generator=None):
         """Steps 1-4 for a batch of prompts, G responses to each (sampled with `generator`)

@@ -361,6 +361,11 @@ class PolicyTrainer:
     def device(self):
         return self.accelerator.device
 
+    @property
+    def unwrapped(self):
+        """The subclass's trained module (`prepared`, as Accelerate wrapped it) as it was built."""
+        return self.accelerator.unwrap_model(self.prepared)
+
     def add_scopes(self, scopes: dict):
         """LoRA scopes {name: rank} on the base (kept when resuming a trainer's palm); all else frozen."""
         for scope, r in scopes.items():
@@ -547,10 +552,6 @@ class RLHFTrainer(PolicyTrainer):
     @property
     def prepared(self) -> ActorCritic:  # as Accelerate wrapped it: DDP, a DeepSpeed engine, FSDP
         return self.actor_critic
-
-    @property
-    def unwrapped(self) -> ActorCritic:
-        return self.accelerator.unwrap_model(self.actor_critic)
 
     @torch.no_grad()
     def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, generator=None):

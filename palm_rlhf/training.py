@@ -53,9 +53,10 @@ def make_accelerator(micro_batch_size: int, max_grad_norm: float, **kwargs) -> A
     scripts set: `micro_batch_size`, what one process feeds one forward and backward (Accelerate
     reads it from a prepared DataLoader, which the scripts do not use), the gradient accumulation
     steps given, and `max_grad_norm` (0: none), as DeepSpeed clips the gradients itself, one norm
-    over all trained parameters, and a script's own clipping finds no gradients to clip. Without a GPU, DeepSpeed's
-    processes talk over gloo: Accelerate picks the backend from the device and has none for
-    DeepSpeed on CPU, so each process would count itself alone while ZeRO shards over all."""
+    over all trained parameters, and a script's own clipping finds no gradients to clip.
+    Without a GPU, DeepSpeed's processes talk over gloo: Accelerate picks the backend from the
+    device and has none for DeepSpeed on CPU, so each process would count itself alone while ZeRO
+    shards over all."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
