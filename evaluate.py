@@ -3,24 +3,36 @@
     python evaluate.py                                            # the LM and best-of-N only
     python evaluate.py --policies ppo=runs/ppo/final,grpo=runs/grpo/final,dpo@0.1=runs/dpo/final
 
-Every policy answers the same `--num_prompts` held-out prompts (the last ones of the `prompts` split,
-which the training scripts keep out of RL) with `--samples` responses each, sampled at temperature
-`--temperature` from a fixed seed. For each policy, with standard errors over prompts:
+Every policy answers the same `--num_prompts` held-out prompts (the last ones of the `prompts` split:
+distinct, and none an opening of a snippet any model trained on; the RL scripts keep them out of
+training) with `--samples` responses each, sampled at temperature `--temperature`, each response at
+most the RL scripts' budget of new tokens (`--max_seq_len` less the longest training prompt). Every
+set of samples (the LM's, the best-of-N pool, each policy's) draws its own random numbers, from a
+seed made of `--seed` and the set's name: with one seed, the sampler's exponential race would feed
+policy sample j the noise of LM sample j and tie the two. For each policy, with standard errors
+clustered by prompt:
 
 - VADER: the mean VADER compound of the responses, a judge no model here was trained on, and the
-  win rate against the LM's responses to the same prompts (sample j against the LM's sample j;
-  ties count half);
+  win rate against the LM's responses to the same prompts (sample j against the LM's independent
+  sample j; ties count half);
 - RM: the reward model's score (it was trained on human ratings, and RL optimises it);
-- KL(policy || LM) per response, estimated on the policy's own samples: sum_t log pi - log pi_LM;
-  for best-of-N, the analytic bound log N - (N - 1) / N (Stiennon et al. 2020, appendix G.3);
-- fluency: the LM's bits per byte on the responses; diversity: distinct-2 (unique word bigrams over
-  all bigrams); the share of responses that end with EOS; the mean length in bytes of text.
+- KL(policy || LM) per response at the sampling temperature (the policies are softmax(logits / T)),
+  estimated on the policy's own samples: sum_t log pi - log pi_LM. For best-of-N, the plug-in
+  estimate from each prompt's pool of picker scores, sum over score levels of P_N log(P_N / P) with
+  P_N = F^N - F_<^N (Beirami et al. 2024), beside the bound log N - (N - 1) / N (Stiennon et al.
+  2020, appendix G.3) that it reaches only when no two samples score alike (VADER scores many at 0);
+- fluency: the LM's bits per byte on the responses at the sampling temperature; diversity:
+  distinct-2 (unique word bigrams over all bigrams) of one response per prompt, averaged over the
+  draws, so that every row counts it over the same number of texts; the share of responses that
+  end with EOS; the mean length in bytes of text.
 
 Best-of-N is computed from `max(best_of)` LM samples per prompt, cut into disjoint groups of N, each
 group giving one pick: picked by the reward model (what RL can reach by optimising it) and by VADER
 itself (what the LM's samples hold: the ceiling for a perfect reward model). A name `method@label`
-(e.g. `dpo@0.1`) puts several policies on one curve. Writes out_dir/frontier.csv and frontier.png.
+(e.g. `dpo@0.1`) puts several policies on one curve; the command that trained a policy (its
+folder's run.json) goes into the CSV beside its row. Writes out_dir/frontier.csv and frontier.png.
 """
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -31,12 +43,12 @@ import torch
 from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM
-from palm_rlhf.data import review_prompts, vader_compound
+from palm_rlhf.data import review_prompts, stable_bucket, vader_compound
 from palm_rlhf.dpo import pack_sequences, sequence_log_probs
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.training import parse_config, set_seed
 
-METRICS = ("vader", "win_rate", "rm_score", "kl", "bits_per_byte", "distinct_2", "eos_rate", "length")
+METRICS = ("vader", "win_rate", "rm_score", "kl", "kl_bound", "bits_per_byte", "distinct_2", "eos_rate", "length")
 
 
 @dataclass
@@ -50,11 +62,11 @@ class EvaluateConfig:
     samples: int = field(default=4, metadata={"help": "responses per prompt and policy"})
     best_of: str = field(default="1,2,4,8,16,32,64", metadata={"help": "N of best-of-N from the LM's samples (empty: none)"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out snippet used as its prompt"})
-    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens, as in training (train_grpo.py's 40; about 128 for a byte-level LM)"})
+    max_seq_len: int = field(default=48, metadata={"help": "as the RL scripts': each response gets at most max_seq_len - the longest training prompt tokens (about 160 for a byte-level LM)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every policy"})
     batch_size: int = field(default=256, metadata={"help": "sequences per generation or scoring batch"})
     out_dir: str = field(default="runs/eval", metadata={"help": "where frontier.csv and frontier.png go"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling; each set of samples draws from (seed, its name)"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,14 +87,47 @@ def win_rate(scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
 
 
 def best_of_n_kl(n: int) -> float:
-    """The analytic KL(best-of-N || base) bound, log N - (N - 1) / N (Stiennon et al. 2020, G.3)."""
+    """The analytic bound on KL(best-of-N || base), log N - (N - 1) / N (Stiennon et al. 2020, G.3;
+    Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment policy"): exact for a
+    picker that never scores two responses alike, above the truth when it does."""
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_kl_plugin(scores: np.ndarray, n: int) -> np.ndarray:
+    """scores (P, K): the picker's scores of K base samples per prompt -> (P,) plug-in estimates of
+    KL(best-of-N || base), one per prompt. Best-of-N picks a score level with probability
+    P_N(s) = F(s)^N - F_<(s)^N (F the empirical distribution function of the K scores, F_< its value
+    just below s) and, within a level, every response alike, so its KL is that of the levels:
+
+        KL = sum_s P_N(s) log(P_N(s) / P(s)),    P(s) the share of the K samples scoring s
+    """
+    kls = np.empty(len(scores))
+    for i, row in enumerate(scores):
+        _, counts = np.unique(row, return_counts=True)
+        p = counts / counts.sum()
+        below = np.concatenate(([0.0], np.cumsum(p)[:-1]))
+        p_n = np.minimum(below + p, 1.0) ** n - below**n
+        kept = p_n > 0
+        kls[i] = float((p_n[kept] * np.log(p_n[kept] / p[kept])).sum())
+    return kls
 
 
 def distinct_n(texts: list, n: int = 2) -> float:
     """Unique word n-grams over all word n-grams of `texts` (Li et al. 2016); 0 if there are none."""
     grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n_per_draw(texts: np.ndarray, n: int = 2) -> float:
+    """texts (P, k): k responses to each of P prompts -> distinct-n of one response per prompt,
+    averaged over the k draws. distinct-n falls with the number of texts it is counted over, so rows
+    with other k (a policy's 4 responses, best-of-64's one pick per prompt) are compared on P texts each."""
+    return float(np.mean([distinct_n(list(texts[:, j]), n) for j in range(texts.shape[1])]))
+
+
+def sampling_seed(seed: int, name: str) -> int:
+    """The seed of one set of samples: its own stream for each name, the same in every run."""
+    return int(np.random.SeedSequence([seed, stable_bucket(name, 2**32)]).generate_state(1)[0])
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -113,29 +158,29 @@ def best_of_n_index(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_responses(palm: PaLM, heads: list, num_samples: int, cfg, seed: int) -> list:
-    """`num_samples` responses to each prompt (token lists, EOS kept where reached), prompt-major:
-    responses[i * num_samples + j] is sample j of prompt i."""
+def sample_responses(palm: PaLM, heads: list, num_samples: int, budget: int, cfg, seed: int) -> list:
+    """`num_samples` responses of at most `budget` tokens to each prompt (token lists, EOS kept where
+    reached), prompt-major: responses[i * num_samples + j] is sample j of prompt i."""
     generator = torch.Generator(palm.device).manual_seed(seed)
     repeated = [torch.tensor(h) for h in heads for _ in range(num_samples)]
     responses, eos = [], palm.tokenizer.eos_id
     for start in tqdm(range(0, len(repeated), cfg.batch_size), desc="sampling", leave=False):
         batch = repeated[start : start + cfg.batch_size]
-        seq_len = max(len(p) for p in batch) + cfg.max_seq_len - min(len(p) for p in batch)
-        tokens = palm.generate(seq_len, prompt=batch, temperature=cfg.temperature, eos_token=eos, generator=generator)
-        for prompt, row in zip(batch, tokens.tolist()):  # every prompt gets max_seq_len - len(prompt) new tokens
-            row = row[: cfg.max_seq_len - len(prompt)]
+        tokens = palm.generate(max(len(p) for p in batch) + budget, prompt=batch, temperature=cfg.temperature,
+                               eos_token=eos, generator=generator)
+        for row in tokens.tolist():
             responses.append(row[: row.index(eos) + 1] if eos in row else row)
     return responses
 
 
 @torch.no_grad()
-def response_log_probs(palm: PaLM, heads: list, tails: list, batch_size: int) -> np.ndarray:
-    """Summed log-prob of each tail given its head under `palm` at temperature 1: (len(tails),)."""
+def response_log_probs(palm: PaLM, heads: list, tails: list, cfg) -> np.ndarray:
+    """Summed log-prob of each tail given its head under `palm` at the sampling temperature, the
+    policy softmax(logits / T) that sampled it: (len(tails),)."""
     out = []
-    for start in range(0, len(tails), batch_size):
-        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + batch_size], tails[start : start + batch_size], palm.pad_id))
-        out.append(sequence_log_probs(palm, seq, mask, response_mask).cpu())
+    for start in range(0, len(tails), cfg.batch_size):
+        seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + cfg.batch_size], tails[start : start + cfg.batch_size], palm.pad_id))
+        out.append(sequence_log_probs(palm, seq, mask, response_mask, temperature=cfg.temperature).cpu())
     return torch.cat(out).numpy()
 
 
@@ -158,14 +203,12 @@ def response_texts(tails: list, tokenizer) -> list:
 # one row per policy
 
 
-def summarize(name: str, per_response: dict, kl: float | None = None) -> dict:
-    """Mean and standard error of each per-response metric, each a (P, k) array."""
+def summarize(name: str, per_response: dict) -> dict:
+    """Mean and standard error over prompts of each metric, each a (P, k) array."""
     row = dict(name=name)
     for key in METRICS:
         if key in per_response:
             row[key], row[f"{key}_se"] = mean_and_se(per_response[key])
-    if kl is not None:
-        row["kl"], row["kl_se"] = kl, 0.0
     return row
 
 
@@ -176,7 +219,7 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
     shape = (len(heads), num_samples)
     repeated_heads = [h for h in heads for _ in range(num_samples)]
     texts = response_texts(tails, lm.tokenizer)
-    lm_log_probs = response_log_probs(lm, repeated_heads, tails, cfg.batch_size)
+    lm_log_probs = response_log_probs(lm, repeated_heads, tails, cfg)
     ended = np.array([float(bool(t) and t[-1] == lm.tokenizer.eos_id) for t in tails])
     text_bytes = np.array([len(text.encode("utf-8")) for text in texts], dtype=np.float64)
     num_bytes = np.maximum(1, text_bytes + ended)  # the EOS counts as a byte, as in the byte vocabulary
@@ -190,14 +233,15 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
     if baseline_vader is not None:
         per_response["win_rate"] = win_rate(per_response["vader"], baseline_vader)
     if policy is not None:
-        per_response["kl"] = (response_log_probs(policy, repeated_heads, tails, cfg.batch_size) - lm_log_probs).reshape(shape)
-    per_response["distinct_2"] = np.full(shape, distinct_n(texts))
+        per_response["kl"] = (response_log_probs(policy, repeated_heads, tails, cfg) - lm_log_probs).reshape(shape)
+    per_response["distinct_2"] = np.full(shape, distinct_n_per_draw(np.array(texts, dtype=object).reshape(shape)))
     return per_response
 
 
 def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray, tokenizer) -> list:
     """Rows for best-of-N picked by the reward model and by VADER from a pool of the LM's samples
-    (P, K); each pick's win rate is against the independent LM responses `lm_vader` (P, k)."""
+    (P, K); each pick's win rate is against the independent LM responses `lm_vader` (P, k), its KL
+    the plug-in estimate from the pool (with the bound beside it)."""
     rows = []
     texts = np.array(response_texts(pool_tails, tokenizer), dtype=object).reshape(per_response["vader"].shape)
     for picker in ("rm_score", "vader"):
@@ -206,9 +250,11 @@ def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader
             picked = {key: np.take_along_axis(value, index, axis=1) for key, value in per_response.items() if key != "distinct_2"}
             baseline = lm_vader[:, np.arange(index.shape[1]) % lm_vader.shape[1]]  # pick g against LM response g mod k
             picked["win_rate"] = win_rate(picked["vader"], baseline)
-            picked["distinct_2"] = np.full(index.shape, distinct_n(list(np.take_along_axis(texts, index, axis=1).ravel())))
+            picked["distinct_2"] = np.full(index.shape, distinct_n_per_draw(np.take_along_axis(texts, index, axis=1)))
+            picked["kl"] = best_of_n_kl_plugin(per_response[picker], n)[:, None]
+            picked["kl_bound"] = np.full((len(index), 1), best_of_n_kl(n))
             label = "rm" if picker == "rm_score" else "vader"
-            rows.append(dict(summarize(f"best-of-{n} ({label})", picked, kl=best_of_n_kl(n)), method=f"best-of-N ({label})", n=n))
+            rows.append(dict(summarize(f"best-of-{n} ({label})", picked), method=f"best-of-N ({label})", n=n))
     return rows
 
 
@@ -217,19 +263,25 @@ def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader
 
 
 def write_csv(rows: list, path: Path) -> None:
-    columns = ["name", "method"] + [c for key in METRICS for c in (key, f"{key}_se")]
+    columns = ["name", "method"] + [c for key in METRICS for c in (key, f"{key}_se")] + ["command"]
     with open(path, "w") as file:
         file.write(",".join(columns) + "\n")
         for row in rows:
-            file.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
+            file.write(",".join(csv_cell(row.get(c, "")) for c in columns) + "\n")
+
+
+def csv_cell(value) -> str:
+    text = str(value)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def print_table(rows: list) -> None:
-    print(f"\n| {'policy':22} | {'VADER':>15} | {'win vs LM':>13} | {'RM score':>15} | {'KL nats':>12} | {'bits/byte':>9} | {'distinct-2':>10} | {'EOS':>5} | {'length':>6} |")
-    print("|" + "|".join("-" * w for w in (24, 17, 15, 17, 14, 11, 12, 7, 8)) + "|")
+    print(f"\n| {'policy':22} | {'VADER':>15} | {'win vs LM':>13} | {'RM score':>15} | {'KL nats':>12} | {'KL bound':>8} | {'bits/byte':>9} | {'distinct-2':>10} | {'EOS':>5} | {'length':>6} |")
+    print("|" + "|".join("-" * w for w in (24, 17, 15, 17, 14, 10, 11, 12, 7, 8)) + "|")
     for r in rows:
+        bound = f"{r['kl_bound']:8.2f}" if "kl_bound" in r else " " * 8
         print(f"| {r['name']:22} | {r['vader']:+.3f} +- {r['vader_se']:.3f} | {r['win_rate']:.3f} +- {r['win_rate_se']:.3f} "
-              f"| {r['rm_score']:+.3f} +- {r['rm_score_se']:.3f} | {r['kl']:6.2f} +- {r['kl_se']:.2f} | {r['bits_per_byte']:9.3f} "
+              f"| {r['rm_score']:+.3f} +- {r['rm_score_se']:.3f} | {r['kl']:6.2f} +- {r['kl_se']:.2f} | {bound} | {r['bits_per_byte']:9.3f} "
               f"| {r['distinct_2']:10.3f} | {r['eos_rate']:5.2f} | {r['length']:6.1f} |")
 
 
@@ -266,6 +318,12 @@ def parse_policies(text: str) -> list:
     return policies
 
 
+def training_command(path) -> str:
+    """The command that trained the policy in `path`, from the run.json its script wrote ("" if none)."""
+    record = Path(path) / "run.json"
+    return json.loads(record.read_text()).get("command", "") if record.is_file() else ""
+
+
 def evaluate(cfg: EvaluateConfig) -> list:
     policies = parse_policies(cfg.policies)
     best_of = sorted({int(n) for n in cfg.best_of.split(",") if n.strip()})
@@ -273,37 +331,46 @@ def evaluate(cfg: EvaluateConfig) -> list:
         if not Path(path).is_dir():
             raise SystemExit(f"{name}: no checkpoint folder at {path}")
     texts = review_prompts(cfg.prompt_words)
-    if cfg.num_prompts > len(texts) or cfg.samples < 1:
-        raise SystemExit(f"--num_prompts must be at most {len(texts)} and --samples at least 1")
+    if cfg.num_prompts >= len(texts) or cfg.samples < 1:
+        raise SystemExit(f"--num_prompts must be less than {len(texts)} and --samples at least 1")
     set_seed(cfg.seed)
     lm = PaLM.from_pretrained(cfg.lm_checkpoint).eval()
     tokenizer = lm.tokenizer
-    heads = [[tokenizer.eos_id] + tokenizer.encode(t).tolist() for t in texts[-cfg.num_prompts :]]
+    heads = [[tokenizer.eos_id] + tokenizer.encode(t).tolist() for t in texts]
+    # the RL scripts' budget: max_seq_len less the longest of the prompts they train on
+    budget = cfg.max_seq_len - max(len(h) for h in heads[: -cfg.num_prompts])
+    if budget < 1:
+        raise SystemExit(f"--max_seq_len {cfg.max_seq_len} leaves no room for a response after the longest training prompt")
+    heads = heads[-cfg.num_prompts :]
     reward_model = RewardModel.from_pretrained(cfg.reward_checkpoint).eval()
 
-    # the LM's responses, the baseline of every win rate, and an independent pool for best-of-N (and
-    # for the LM's own win rate, which is then 0.5 up to noise)
-    lm_tails = sample_responses(lm, heads, cfg.samples, cfg, cfg.seed + 1)
+    def sample(palm, name, num_samples):
+        return sample_responses(palm, heads, num_samples, budget, cfg, sampling_seed(cfg.seed, name))
+
+    # the LM's responses, the baseline of every win rate, and a pool for best-of-N (and for the LM's
+    # own win rate, 0.5 up to noise), each with its own noise
+    lm_tails = sample(lm, "LM", cfg.samples)
     pool_k = max([2 * cfg.samples, *best_of])
-    pool_tails = sample_responses(lm, heads, pool_k, cfg, cfg.seed)
+    pool_tails = sample(lm, "best-of-N pool", pool_k)
     pool = measure(heads, pool_tails, pool_k, lm, reward_model, cfg)
     lm_metrics = measure(heads, lm_tails, cfg.samples, lm, reward_model, cfg, baseline_vader=pool["vader"][:, : cfg.samples])
+    lm_metrics["kl"] = np.zeros_like(lm_metrics["vader"])
     lm_vader = lm_metrics["vader"]
-    rows = [dict(summarize("LM", lm_metrics, kl=0.0), method="LM")]
+    rows = [dict(summarize("LM", lm_metrics), method="LM", command=training_command(cfg.lm_checkpoint))]
     rows += best_of_n_rows(pool_tails, pool, best_of, lm_vader, tokenizer)
     for name, method, path in policies:
         policy = PaLM.from_pretrained(path).eval()
-        tails = sample_responses(policy, heads, cfg.samples, cfg, cfg.seed + 1)
+        tails = sample(policy, name, cfg.samples)
         per_response = measure(heads, tails, cfg.samples, lm, reward_model, cfg, baseline_vader=lm_vader, policy=policy)
-        rows.append(dict(summarize(name, per_response), method=method))
+        rows.append(dict(summarize(name, per_response), method=method, command=training_command(path)))
         print(f"{name}: VADER {rows[-1]['vader']:+.3f}, KL {rows[-1]['kl']:.2f}; e.g. {texts[-cfg.num_prompts] + response_texts(tails[:1], tokenizer)[0]!r}")
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "frontier.csv")
     plot(rows, out_dir / "frontier.png")
-    print(f"\n{len(heads)} held-out prompts; {cfg.samples} responses each per policy; best-of-N from {pool_k} LM samples per prompt; "
-          f"+- one standard error over prompts")
+    print(f"\n{len(heads)} held-out prompts; {cfg.samples} responses each per policy, at most {budget} tokens; best-of-N from "
+          f"{pool_k} LM samples per prompt; +- one standard error clustered by prompt; KL at temperature {cfg.temperature}")
     print_table(rows)
     rho, rho_se = within_prompt_spearman(pool["rm_score"], pool["vader"])
     print(f"\nthe reward model orders the LM's {pool_k} samples of a prompt as VADER does with Spearman rho "

@@ -240,9 +240,23 @@ def split_snippets(snippets: list) -> dict:
 
 
 def review_prompts(n_words: int = 4, split: str = "prompts") -> list:
-    """The first `n_words` words of each movie-review snippet in `split`, as generation prompts."""
-    snippets = split_snippets(load_rated_snippets())[split]
-    return [" ".join(s.text.split()[:n_words]) for s in snippets]
+    """The first `n_words` words of each movie-review snippet in `split`, as generation prompts: each
+    once (two snippets may open alike; compared lower-cased, as `split_snippets` hashes), and, for a
+    held-out split, none that also opens a `train` snippet, which the LM, the reward model and DPO
+    read. The RL scripts train on the first prompts and evaluate on the last, so no evaluation prompt
+    is a training prompt, and every evaluation prompt is one cluster of the standard errors."""
+    splits = split_snippets(load_rated_snippets())
+
+    def opening(snippet):
+        return " ".join(snippet.text.split()[:n_words])
+
+    seen = set() if split == "train" else {opening(s).lower() for s in splits["train"]}
+    prompts = []
+    for snippet in splits[split]:
+        if opening(snippet).lower() not in seen:
+            seen.add(opening(snippet).lower())
+            prompts.append(opening(snippet))
+    return prompts
 
 
 def truncate_words(text: str, rng) -> str:

