@@ -46,6 +46,7 @@ from palm_rlhf.training import (
     plot_metrics,
     save_checkpoint,
     set_seed,
+    write_run_record,
     whole_copy,
 )
 
@@ -82,7 +83,7 @@ class TrainDPOConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between held-out preference evaluations"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
     num_eval_prompts: int = field(default=256, metadata={"help": "held-out review prompts (the last N; 32 = train_ppo.py's) sampled before and after training"})
-    gen_len: int = field(default=34, metadata={"help": "tokens sampled per prompt (with the ~6-token prompts, train_grpo.py's 40 in all; about 100 for a byte-level LM)"})
+    gen_len: int = field(default=31, metadata={"help": "tokens sampled per prompt: the RL scripts' response budget (48 - the longest training prompt, 17 BPE tokens); about 100 for a byte-level LM"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the before/after generations"})
     out_dir: str = field(default="runs/dpo", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot, summary.json"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
@@ -163,7 +164,7 @@ def generation_report(palm, scope: str, cfg) -> dict:
     per_token, per_response = [], []
     for start in range(0, len(heads), 64):
         seq, mask, response_mask = (t.to(palm.device) for t in pack_sequences(heads[start : start + 64], tails[start : start + 64], palm.pad_id))
-        token_kl, response_kl = reference_kl(palm, seq, mask, response_mask, scope)
+        token_kl, response_kl = reference_kl(palm, seq, mask, response_mask, scope, cfg.temperature)
         per_token.append((token_kl, int(response_mask.sum())))
         per_response.append((response_kl, len(seq)))
     report["kl_per_token"] = sum(k * n for k, n in per_token) / sum(n for _, n in per_token)
@@ -246,6 +247,7 @@ def train(cfg: TrainDPOConfig) -> dict:
                     kl_per_token=report["kl_per_token"], kl_per_response=report["kl_per_response"])
         tuned.merge_finetune_params(trainer.scope)  # the final model needs no adapters
         tuned.save(out_dir / "final")
+        write_run_record(out_dir / "final", cfg)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         reward_keys = ["chosen_reward", "rejected_reward"] if cfg.method != "kto" else ["desirable_reward", "undesirable_reward"]
         plot_metrics(out_dir / "metrics.csv", out_dir / f"{cfg.method}.png",

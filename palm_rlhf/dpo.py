@@ -74,11 +74,14 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tau: floa
     return losses.mean(), (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
 
 
-def kto_kl_estimate(policy_logps, ref_logps):
+def kto_kl_estimate(policy_logps, ref_logps, reduce_mean=None):
     """KTO's reference point z0 = KL(pi || pi_ref), Ethayarajh et al. 2024, section 4.1: the mean
     log-ratio over mismatched (x, y') pairs of the batch, clamped at 0 and detached (no gradient
-    flows through the reference point)."""
-    return (policy_logps - ref_logps).mean().clamp(min=0).detach()
+    flows through the reference point). `reduce_mean` averages over processes (their batches are of
+    one size), before the clamp: a clamp per process would turn one process's negative mean into 0
+    and raise the shared z0 (TRL gathers first, too)."""
+    mean = (policy_logps - ref_logps).mean().detach()
+    return (mean if reduce_mean is None else reduce_mean(mean)).clamp(min=0)
 
 
 def kto_loss(policy_logps, ref_logps, desirable, beta: float = 0.1, kl_estimate=0.0,
@@ -140,24 +143,25 @@ def pack_sequences(heads: list, tails: list, pad_id: int = PAD_ID):
     return seq, mask, response_mask
 
 
-def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, disable_lora=False):
-    """Summed log-prob of each sequence's response tokens, (b,).
+def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, disable_lora=False, temperature: float = 1.0):
+    """Summed log-prob of each sequence's response tokens under softmax(logits / temperature), (b,).
 
     Goes through `model`'s forward (as PaLM.log_probs does), so that a DDP-wrapped model syncs its
     gradients; `model` may be a PaLM or its Accelerate wrapper.
     """
     logits = model(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope, disable_lora=disable_lora)
-    token_log_probs = logits.float().log_softmax(dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)  # (b, n-1)
+    token_log_probs = (logits.float() / temperature).log_softmax(dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)  # (b, n-1)
     return (token_log_probs * response_mask[:, 1:]).sum(dim=-1)
 
 
 @torch.no_grad()
-def reference_kl(palm, seq, mask, response_mask, finetune_scope):
+def reference_kl(palm, seq, mask, response_mask, finetune_scope, temperature: float = 1.0):
     """Exact KL(policy || reference) at each response token, summed over the vocabulary (no sampling
-    noise), the reference being the adapters switched off. Returns (mean per token, mean per response:
-    the sum over a response's tokens, the figure PPO's KL penalty is a one-sample estimate of)."""
-    policy = palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope).float().log_softmax(dim=-1)
-    reference = palm(seq[:, :-1], mask=mask[:, :-1], disable_lora=True).float().log_softmax(dim=-1)
+    noise), the reference being the adapters switched off, both at the sampling temperature (the
+    policies are softmax(logits / T)). Returns (mean per token, mean per response: the sum over a
+    response's tokens, the figure PPO's KL penalty is a one-sample estimate of)."""
+    policy = (palm(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope).float() / temperature).log_softmax(dim=-1)
+    reference = (palm(seq[:, :-1], mask=mask[:, :-1], disable_lora=True).float() / temperature).log_softmax(dim=-1)
     kl = (policy.exp() * (policy - reference)).sum(dim=-1) * response_mask[:, 1:]  # (b, n-1)
     return float(kl.sum() / response_mask[:, 1:].sum().clamp(min=1)), float(kl.sum(dim=-1).mean())
 
@@ -321,7 +325,7 @@ class DPOTrainer:
             with torch.no_grad():
                 kl_policy = sequence_log_probs(self.model, seq, mask, response_mask, finetune_scope=self.scope)
                 kl_ref = sequence_log_probs(self.model, seq, mask, response_mask, disable_lora=True)
-        kl = self.accelerator.reduce(kto_kl_estimate(kl_policy, kl_ref), "mean")  # one z0 for all processes
+        kl = kto_kl_estimate(kl_policy, kl_ref, lambda x: self.accelerator.reduce(x, "mean"))  # one z0 for all processes
         desirable = torch.tensor([bool(r["desirable"]) for r in records], device=policy.device)
         loss, rewards = kto_loss(policy, ref_logps, desirable, self.beta, kl, self.lambda_d, self.lambda_u)
         # a batch without one kind gives nan for its mean, which every process logs alike

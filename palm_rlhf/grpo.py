@@ -24,12 +24,15 @@ Where this departs from the papers:
        adapters disabled (Hydra-RLHF, Santacroce et al. 2023), not a second copy. The reference
        stays fixed (DeepSeekMath's iterative GRPO, section 4.1.4, resets it to the policy).
     2. One score per response (outcome supervision, DeepSeekMath section 4.1.2); no process reward.
-    3. The three methods are options of one loss. GRPO: estimator="grpo", loss_aggregation=
-       "sequence", kl_in="loss". Dr. GRPO: estimator="dr_grpo", loss_aggregation="constant", beta=0
-       (the paper drops the KL term). RLOO: estimator="rloo", kl_in="reward",
-       loss_aggregation="constant", one epoch of one minibatch; Ahmadian et al. take one REINFORCE
-       step per batch, and with the ratio at exactly 1 the clipped surrogate's gradient is that
-       step's, up to a constant factor.
+    3. The three methods are options of one loss. As the papers run them: GRPO estimator="grpo",
+       loss_aggregation="sequence", kl_in="loss"; Dr. GRPO estimator="dr_grpo",
+       loss_aggregation="constant", beta=0 (the paper drops the KL term); RLOO estimator="rloo",
+       kl_in="reward", loss_aggregation="constant" and one minibatch of the whole batch, one step:
+       Ahmadian et al. take one REINFORCE step per batch, and with the ratio at exactly 1 the clipped
+       surrogate's gradient is that step's, up to a constant factor. train_grpo.py's default, named
+       "RLOO" in its tables, is not that: RLOO's advantage with the KL in the reward, token
+       aggregation and minibatches of 16, so 4 clipped optimizer steps per batch of 64 (PPO-style
+       reuse); its --estimator dr_grpo keeps the script's beta 0.2 in the reward unless --beta 0.
     4. The default aggregation is "token" (DAPO, Yu et al. 2025, section 3.3), not GRPO's mean of
        per-response means, which weighs a token of a short response more than one of a long one.
     5. Rollouts sample at temperature T only (no top-k / top-p), so the samples come from exactly
@@ -49,7 +52,8 @@ from torch import nn
 
 from palm_rlhf.palm import PaLM
 from palm_rlhf.ppo import (
-    Actor, PolicyTrainer, RolloutTensors, check_temperature, clipped_surrogate, kl_penalty, masked_mean,
+    Actor, Normalizers, PolicyTrainer, RolloutTensors, check_temperature, clipped_surrogate, kl_penalty, masked_mean,
+    token_mean,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,7 +115,8 @@ ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, 
 # the loss over tokens
 
 
-def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None) -> torch.Tensor:
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None,
+                   normalizers: Normalizers | None = None) -> torch.Tensor:
     """Per-token losses (b, r) -> one loss over the response tokens (mask True), `how`:
 
         "token":    sum_i sum_t l_it / sum_i |o_i|      every token weighs the same
@@ -119,14 +124,20 @@ def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: 
         "sequence": 1/b sum_i 1/|o_i| sum_t l_it        GRPO (Shao et al. 2024, eq. 3)
         "constant": sum_i sum_t l_it / (b * max_len)    Dr. GRPO (Liu et al. 2025): no division
                     by a response's own length, which favours short responses with a positive
-                    advantage and long ones with a negative advantage
+                    advantage and long ones with a negative advantage; max_len is the fixed
+                    response budget
+
+    sum_i |o_i| and b are those of `normalizers` when given: the whole minibatch's, over its
+    micro-batches and processes, so that the parts add up to the minibatch's loss (DAPO's token mean
+    is over the batch, not over each process's or micro-batch's share of it).
     """
+    tokens, responses = (mask.sum().clamp(min=1), mask.shape[0]) if normalizers is None else normalizers
     if how == "token":
-        return masked_mean(losses, mask)
+        return (losses * mask).sum() / tokens
     if how == "sequence":
-        return masked_mean(losses, mask, dim=1).mean()
+        return masked_mean(losses, mask, dim=1).sum() / responses
     if how == "constant":
-        return (losses * mask).sum() / (mask.shape[0] * max_len)
+        return (losses * mask).sum() / (responses * max_len)
     raise ValueError(f"unknown loss_aggregation {how!r}; choose token, sequence or constant")
 
 
@@ -194,6 +205,7 @@ class GRPOTrainer(PolicyTrainer):
         weight_decay: float = 0.0,
         epochs: int = 1,
         minibatch_size: int = 16,
+        micro_batch_size: int | None = None,
         max_norm: float | None = 1.0,
         missing_eos_penalty: float | None = None,
         seed: int = 0,
@@ -203,11 +215,12 @@ class GRPOTrainer(PolicyTrainer):
         check_options(estimator, group_size, beta, kl_in, loss_aggregation)
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, actor_scope=lora_scope, seed=seed,
-                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
+                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, epochs=epochs,
+                         minibatch_size=minibatch_size, micro_batch_size=micro_batch_size)
         self.estimator, self.advantage_fn = estimator, ADVANTAGE_ESTIMATORS[estimator]
         self.group_size, self.beta, self.kl_in, self.loss_aggregation = group_size, beta, kl_in, loss_aggregation
         self.eps_clip, self.eps_clip_high, self.max_norm = eps_clip, eps_clip_high, max_norm
-        self.epochs, self.minibatch_size, self.missing_eos_penalty = epochs, minibatch_size, missing_eos_penalty
+        self.missing_eos_penalty = missing_eos_penalty
         self.add_scopes({lora_scope: lora_r})
         actor = Actor(palm, lora_scope)
         optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -223,8 +236,9 @@ class GRPOTrainer(PolicyTrainer):
         -> (GroupRollout, diagnostics)."""
         check_temperature(temperature)
         self.actor.eval()
-        # 1. G samples of each prompt from one encoding of it
-        seq, mask, start = self.sample(prompts, max_seq_len, temperature, group_size=self.group_size, generator=generator)
+        # 1. G samples of each prompt from one encoding of it, each at most `budget` tokens
+        budget = self.response_budget(max_seq_len)
+        seq, mask, start = self.sample(prompts, budget, temperature, group_size=self.group_size, generator=generator)
         resp_mask = mask[:, start:]  # (P * G, r)
         # 2. log-probs recomputed by a forward pass so the first ratio is exactly 1; no reference pass at beta = 0
         with self.accelerator.autocast():
@@ -241,46 +255,37 @@ class GRPOTrainer(PolicyTrainer):
                      ended_with_eos=ended.float().mean(), entropy=masked_mean(entropy, resp_mask),
                      zero_variance_groups=constant_groups(groups).float().mean())
         if ref_log_probs is not None:
-            kl = (kl_penalty(log_probs, ref_log_probs, "k1") * resp_mask).sum(dim=1)  # (P * G,)
+            kl = kl_penalty(log_probs, ref_log_probs, "k1", resp_mask).sum(dim=1)  # (P * G,)
             stats["kl"] = kl.mean()
             if self.kl_in == "reward":
                 groups = (rewards - self.beta * kl).view(-1, self.group_size)
         # 4. group-relative advantages, one per response
         advantages = self.advantage_fn(groups).view(-1)
-        rollout = GroupRollout(seq, mask, advantages, log_probs, ref_log_probs, start, temperature, max_seq_len - start)
+        rollout = GroupRollout(seq, mask, advantages, log_probs, ref_log_probs, start, temperature, budget)
         return rollout, {k: float(v) for k, v in stats.items()}
 
-    def learn(self, rollout: GroupRollout) -> dict:
-        """Step 5: epochs x minibatches of updates; returns the averaged losses and diagnostics."""
-        self.actor.eval()  # without dropout, as the rollout, so the first ratio is exactly 1 (as ppo.py)
-        kl_in_loss = self.beta > 0 and self.kl_in == "loss"
-        totals, count = {}, 0
-        for _ in range(self.epochs):
-            for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
-                mb = rollout.minibatch(index, self.device)
-                resp_mask = mb["mask"][:, rollout.start:]
-                with self.accelerator.autocast():
-                    log_probs, _ = self.actor(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
-                surrogate, is_clipped = clipped_surrogate(log_probs, mb["log_probs"], mb["advantages"][:, None],
-                                                          self.eps_clip, self.eps_clip_high)
-                policy_loss = aggregate_loss(surrogate, resp_mask, self.loss_aggregation, rollout.max_new_tokens)
-                # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
-                diagnostics = dict(policy_loss=policy_loss, clip_fraction=masked_mean(is_clipped.float(), resp_mask),
-                                   approx_kl=masked_mean(kl_penalty(mb["log_probs"], log_probs.detach(), "k3"), resp_mask))
-                loss = policy_loss
-                if kl_in_loss:  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
-                    diagnostics["kl_loss"] = aggregate_loss(kl_penalty(log_probs, mb["ref_log_probs"], "k3"), resp_mask,
-                                                            self.loss_aggregation, rollout.max_new_tokens)
-                    loss = loss + self.beta * diagnostics["kl_loss"]
-                self.accelerator.backward(loss)
-                if self.max_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.unwrapped.actor_parameters(), self.max_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                for name, value in diagnostics.items():
-                    totals[name] = totals.get(name, 0.0) + float(value.detach())
-                count += 1
-        return {name: total / count for name, total in totals.items()}
+    def loss(self, mb: dict, rollout: GroupRollout, normalizers: Normalizers):
+        """Step 5 on one micro-batch: the clipped surrogate and, with kl_in="loss", beta times the k3
+        KL, aggregated by `loss_aggregation` over the minibatch -> (loss, diagnostics)."""
+        resp_mask, tokens = mb["mask"][:, rollout.start:], normalizers.tokens
+        with self.accelerator.autocast():
+            log_probs, _ = self.actor(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
+        surrogate, is_clipped = clipped_surrogate(log_probs, mb["log_probs"], mb["advantages"][:, None],
+                                                  self.eps_clip, self.eps_clip_high, resp_mask)
+        policy_loss = aggregate_loss(surrogate, resp_mask, self.loss_aggregation, rollout.max_new_tokens, normalizers)
+        # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
+        approx_kl = kl_penalty(mb["log_probs"], log_probs.detach(), "k3", resp_mask)
+        diagnostics = dict(policy_loss=policy_loss, clip_fraction=token_mean(is_clipped.float(), resp_mask, tokens),
+                           approx_kl=token_mean(approx_kl, resp_mask, tokens))
+        if self.beta > 0 and self.kl_in == "loss":  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
+            diagnostics["kl_loss"] = aggregate_loss(kl_penalty(log_probs, mb["ref_log_probs"], "k3", resp_mask), resp_mask,
+                                                    self.loss_aggregation, rollout.max_new_tokens, normalizers)
+            return policy_loss + self.beta * diagnostics["kl_loss"], diagnostics
+        return policy_loss, diagnostics
+
+    def clip_gradients(self):
+        if self.max_norm is not None:
+            self.accelerator.clip_grad_norm_(self.unwrapped.actor_parameters(), self.max_norm)
 
     def step(self, max_seq_len: int, prompts_per_step: int = 8, temperature: float = 1.0):
         """One iteration on `prompts_per_step` prompts drawn for this process, `group_size` responses

@@ -41,6 +41,7 @@ Where this departs from InstructGPT / Ziegler et al.:
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +75,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """sum of x over the True entries of mask / num_tokens (default: their count). A minibatch that
+    comes in micro-batches, or is split over processes, passes the whole minibatch's token count, so
+    that the summed parts are its token mean (masked_mean of each part would weigh a part's tokens
+    by 1 / its own count)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16):
 
@@ -94,11 +103,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def masked_log_ratio(log_probs: torch.Tensor, other_log_probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log_probs - other_log_probs, 0 where mask is False: exponentiated at padding, an extreme
+    difference there would give inf, and inf * 0 = NaN after the mask."""
+    log_ratio = log_probs - other_log_probs
+    return log_ratio if mask is None else log_ratio.masked_fill(~mask, 0.0)
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1",
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020,
     "Approximating KL Divergence"), with log r = log pi_ref - log pi:
-    k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = (r - 1) - log r (unbiased, never negative)."""
-    log_ratio = ref_log_probs - log_probs
+    k1 = -log r (unbiased), k2 = (log r)^2 / 2, k3 = (r - 1) - log r (unbiased, never negative).
+    With `mask`, 0 where it is False."""
+    log_ratio = masked_log_ratio(ref_log_probs, log_probs, mask)
     if estimator == "k1":
         return -log_ratio
     if estimator == "k2":
@@ -108,29 +126,32 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 
-def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, clip_high: float | None = None):
+def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, clip_high: float | None = None,
+                      mask: torch.Tensor | None = None):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) per token, as a loss to minimise:
 
         l_t = -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t),  rho_t = pi / pi_old
 
     eps_low = `clip`; eps_high = `clip_high`, or `clip` when None. A larger eps_high lets unlikely
     tokens with a positive advantage gain more probability per update (DAPO's "Clip-Higher",
-    Yu et al. 2025, section 3.1). Returns l_t and whether the clipped term was chosen, both (b, r)."""
-    ratio = (log_probs - old_log_probs).exp()
+    Yu et al. 2025, section 3.1). With `mask`, the ratio is 1 where it is False. Returns l_t and
+    whether the clipped term was chosen, both (b, r)."""
+    ratio = masked_log_ratio(log_probs, old_log_probs, mask).exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2, clip_high: float | None = None):
-    """The clipped surrogate, averaged over the response tokens: L = E_t[l_t].
+def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2, clip_high: float | None = None,
+                        num_tokens: torch.Tensor | None = None):
+    """The clipped surrogate, averaged over the response tokens: L = E_t[l_t] (`token_mean`).
 
     Returns the loss and the clip fraction (share of tokens where the clipped term is chosen)."""
-    losses, is_clipped = clipped_surrogate(log_probs, old_log_probs, advantages, clip, clip_high)
-    return masked_mean(losses, mask), masked_mean(is_clipped.float(), mask)
+    losses, is_clipped = clipped_surrogate(log_probs, old_log_probs, advantages, clip, clip_high, mask)
+    return token_mean(losses, mask, num_tokens), token_mean(is_clipped.float(), mask, num_tokens)
 
 
-def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2, num_tokens: torch.Tensor | None = None):
     """The clipped value loss of PPO's reference code (baselines ppo2), as in Ziegler et al.:
 
         L = 1/2 E_t[ max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -eps, eps) - R_t)^2) ]
@@ -138,8 +159,8 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     Returns the loss and the share of tokens where the clipped term is chosen."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask)
+    loss = 0.5 * token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    return loss, token_mean((clipped > unclipped).float(), mask, num_tokens)
 
 
 def explained_variance(values, returns, mask) -> torch.Tensor:
@@ -249,6 +270,12 @@ class RolloutTensors:
         response_tokens[:, : self.start] = False
         return decode_responses(self.seq, response_tokens, tokenizer)
 
+    def prompt_texts(self, tokenizer) -> list[str]:
+        """The text of each row's prompt (its leading EOS, the begin-of-document token, decodes to nothing)."""
+        prompt_tokens = self.mask.clone()
+        prompt_tokens[:, self.start :] = False
+        return [tokenizer.decode(s[m][1:]) for s, m in zip(self.seq.cpu(), prompt_tokens.cpu())]
+
 
 @dataclass
 class Rollout(RolloutTensors):
@@ -328,20 +355,34 @@ def prompt_mask_before(mask: torch.Tensor, start: int) -> torch.Tensor:
 # the trainers
 
 
+class Normalizers(NamedTuple):
+    """What a minibatch's losses are divided by: its response tokens and its responses, counted over
+    every micro-batch and every process, per process (DDP averages the processes' gradients)."""
+
+    tokens: torch.Tensor
+    responses: torch.Tensor
+
+
 class PolicyTrainer:
     """What the RL trainers share: prompts, a reward (a reward model,
     `reward_model.score(seq, prompt_mask=, mask=) -> (b,)`, or a `reward_fn` of the same signature),
-    the accelerator, KV-cached sampling from the actor scope, scoring, best-of-N, and the tuned
-    policy as a plain PaLM. A subclass adds its scopes, its optimizer and `step`."""
+    the accelerator, KV-cached sampling from the actor scope with a fixed response budget, scoring,
+    the update loop (epochs x minibatches, each an optimizer step over micro-batches), best-of-N,
+    and the tuned policy as a plain PaLM. A subclass adds its scopes, its optimizer, its `loss` of a
+    micro-batch and `step`."""
 
     def __init__(self, *, palm: PaLM, reward_model, reward_fn, prompt_token_ids, prompts, tokenizer, actor_scope: str,
                  seed: int, accelerator: Accelerator | None, accelerate_kwargs: dict | None = None,
-                 prompt_pad_id: int | None = None):
+                 prompt_pad_id: int | None = None, epochs: int = 1, minibatch_size: int = 16,
+                 micro_batch_size: int | None = None):
         """tokenizer: by default palm.tokenizer (bytes for the byte vocabulary, what a checkpoint was saved
         with, or none: token-id prompts, and no EOS unless `train(eos_token=)` names one). prompt_pad_id: the id stripped
-        from a padded prompt_token_ids tensor (default palm.pad_id)."""
+        from a padded prompt_token_ids tensor (default palm.pad_id). micro_batch_size: responses per
+        forward and backward within a minibatch (None: the whole minibatch at once); the gradient of
+        the optimizer step is the same either way."""
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("pass exactly one of reward_model or reward_fn")
+        self.epochs, self.minibatch_size, self.micro_batch_size = epochs, minibatch_size, micro_batch_size
         # iteration i draws its prompts and samples from (seed, i, process index): each process its
         # own, and a resumed run (which sets `iteration`) draws what an uninterrupted one would
         self.seed, self.iteration = seed, 0
@@ -352,6 +393,7 @@ class PolicyTrainer:
         self.eos_id = None if self.tokenizer is None else self.tokenizer.eos_id  # where sampled responses end
         pad_id = palm.pad_id if prompt_pad_id is None else prompt_pad_id
         self.prompts = prompt_list(prompt_token_ids, prompts, self.tokenizer, pad_id)
+        self.longest_prompt = max(len(p) for p in self.prompts)
         self.palm, self.reward_model, self.actor_scope = palm, reward_model, actor_scope
         self.reward_fn = reward_model.score if reward_model is not None else reward_fn
         if reward_model is not None:  # frozen; it usually shares this base, whose scopes come next
@@ -372,6 +414,15 @@ class PolicyTrainer:
             if scope not in self.palm.finetune_modules:
                 self.palm.add_finetune_params(scope, lora_r=r)
         self.palm.finetune_only(*scopes)
+
+    def response_budget(self, max_seq_len: int) -> int:
+        """New tokens per response: max_seq_len less the longest of the trainer's prompts, the same for
+        every rollout (Dr. GRPO's constant, TRL's max_completion_length)."""
+        budget = max_seq_len - self.longest_prompt
+        if budget < 1:
+            raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a response: the longest prompt has "
+                             f"{self.longest_prompt} tokens, so max_seq_len must be at least {self.longest_prompt + 1}")
+        return budget
 
     def draw_prompts(self, num_prompts: int):
         """This iteration's `num_prompts` prompts, drawn with replacement, and the generator of its
@@ -400,15 +451,13 @@ class PolicyTrainer:
         return rewards[:, start - 1:].float()
 
     @torch.no_grad()
-    def sample(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, group_size: int = 1,
+    def sample(self, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 1.0, group_size: int = 1,
                **sampling):
-        """`group_size` responses from the actor to each prompt, prompt i's in rows i * G .. i * G + G - 1
-        (each prompt encoded once, its KV cache shared): seq, mask (b * G, n) (prompt left-padded,
-        response right-padded after its EOS) and the response start."""
+        """`group_size` responses of at most `max_new_tokens` from the actor to each prompt, prompt i's in
+        rows i * G .. i * G + G - 1 (each prompt encoded once, its KV cache shared): seq, mask (b * G, n)
+        (prompt left-padded, response right-padded after its EOS) and the response start."""
         prompt, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.palm.pad_id))
-        # max_seq_len counts the left-padded prompt; a batch whose longest prompt fills it still gets
-        # one new token per response (as PaLM-rlhf-pytorch), rather than generate's error
-        tokens = self.palm.generate(max(max_seq_len, prompt.shape[1] + 1), prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
+        tokens = self.palm.generate(prompt.shape[1] + max_new_tokens, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
                                     eos_token=self.eos_id, finetune_scope=self.actor_scope,
                                     num_samples_per_prompt=group_size, **sampling)
         prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
@@ -429,6 +478,43 @@ class PolicyTrainer:
         process samples the same number of responses, so a mean over responses (score, KL, length)
         is the mean over all of them; a mean over tokens is the mean of the processes' means."""
         return {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean")) for k, v in stats.items()}
+
+    def learn(self, rollout) -> dict:
+        """Step 5: `epochs` passes over the rollout in minibatches, one optimizer step each; returns the
+        losses and diagnostics averaged over the steps."""
+        # without dropout, as the rollout: the ratio must compare one function at two parameter
+        # settings, so that it is exactly 1 before the first step (TRL disables dropout likewise)
+        self.prepared.eval()
+        totals, steps = {}, 0
+        for _ in range(self.epochs):
+            for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
+                for name, value in self.optimizer_step(rollout, index).items():
+                    totals[name] = totals.get(name, 0.0) + value
+                steps += 1
+        return {name: total / steps for name, total in totals.items()}
+
+    def optimizer_step(self, rollout, index: torch.Tensor) -> dict:
+        """One optimizer step on the responses `index` of the rollout, in micro-batches of
+        `micro_batch_size`. Each micro-batch's loss is divided by the whole minibatch's counts over
+        all processes (`normalizers`), so the gradient equals that of the minibatch in one pass on one
+        process, for every aggregation (Accelerate and DDP each divide a per-part mean instead)."""
+        normalizers = self.normalizers(rollout.mask[index, rollout.start:].to(self.device))
+        totals = {}
+        for micro in index.split(self.micro_batch_size or len(index)):
+            loss, diagnostics = self.loss(rollout.minibatch(micro, self.device), rollout, normalizers)
+            self.accelerator.backward(loss)
+            for name, value in diagnostics.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach())
+        self.clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def normalizers(self, response_mask: torch.Tensor) -> Normalizers:
+        """This process's share of the minibatch's response tokens and responses over all processes."""
+        counts = torch.stack((response_mask.sum(), torch.tensor(response_mask.shape[0], device=response_mask.device))).float()
+        counts = self.accelerator.reduce(counts, "sum") / self.accelerator.num_processes
+        return Normalizers(tokens=counts[0].clamp(min=1), responses=counts[1])
 
     def run_iterations(self, iterations: int, desc: str, callback=None, **step_kwargs) -> list[dict]:
         """`iterations` calls of `self.step(**step_kwargs)`, `callback(iteration, stats, rollout)` after
@@ -453,7 +539,9 @@ class PolicyTrainer:
             prompt = prompt_list(None, [prompt], self.tokenizer, self.palm.pad_id)[0]
         if prompt.ndim != 1:
             raise ValueError("generate takes one prompt (a 1-D tensor or a string)")
-        seq, mask, start = self.sample([prompt.cpu()], max_seq_len, temperature, group_size=num_samples, **sampling)
+        if max_seq_len <= len(prompt):
+            raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a response after a prompt of {len(prompt)} tokens")
+        seq, mask, start = self.sample([prompt.cpu()], max_seq_len - len(prompt), temperature, group_size=num_samples, **sampling)
         scores = self.score(seq, mask, start)
         best = int(scores.argmax())
         best_seq = seq[best][mask[best]]
@@ -517,6 +605,7 @@ class RLHFTrainer(PolicyTrainer):
         max_norm: float | None = None,
         epochs: int = 4,
         minibatch_size: int = 16,
+        micro_batch_size: int | None = None,
         missing_eos_penalty: float | None = None,
         rollout_memmap_dir: str | Path | None = None,
         prompt_pad_id: int | None = None,
@@ -527,11 +616,12 @@ class RLHFTrainer(PolicyTrainer):
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fails early on an unknown name
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, actor_scope=actor_lora_scope, seed=seed,
-                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
+                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id,
+                         epochs=epochs, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size)
         self.kl = KLController(beta, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.eps_clip, self.value_clip, self.vf_coef, self.entropy_coef = eps_clip, value_clip, vf_coef, entropy_coef
-        self.max_norm, self.epochs, self.minibatch_size = max_norm, epochs, minibatch_size
+        self.max_norm = max_norm
         self.missing_eos_penalty, self.rollout_memmap_dir = missing_eos_penalty, rollout_memmap_dir
 
         # everything frozen but the two scopes
@@ -559,7 +649,7 @@ class RLHFTrainer(PolicyTrainer):
         check_temperature(temperature)
         self.actor_critic.eval()
         # 1. sample; log-probs recomputed by a forward pass so the first PPO ratio is exactly 1
-        seq, mask, start = self.sample(prompts, max_seq_len, temperature, generator=generator)
+        seq, mask, start = self.sample(prompts, self.response_budget(max_seq_len), temperature, generator=generator)
         resp_mask = mask[:, start:]  # (b, r)
         with self.accelerator.autocast():
             log_probs, entropy, values = self.unwrapped(seq, mask, start, temperature)  # 3. values too
@@ -571,7 +661,7 @@ class RLHFTrainer(PolicyTrainer):
         ended = self.ended(seq, start)
         penalty = 0.0 if self.missing_eos_penalty is None else self.missing_eos_penalty * (~ended).float()
         scores = scores - penalty
-        kl = kl_penalty(log_probs, ref_log_probs, self.kl_estimator) * resp_mask
+        kl = kl_penalty(log_probs, ref_log_probs, self.kl_estimator, resp_mask)
         rewards = -self.kl.beta * kl
         last = resp_mask.sum(dim=1) - 1
         if dense is not None:
@@ -587,38 +677,29 @@ class RLHFTrainer(PolicyTrainer):
         rollout = Rollout(seq, mask, log_probs, values, masked_whiten(advantages, resp_mask), returns, start, temperature)
         return rollout, {k: float(v) for k, v in stats.items()}
 
-    def learn(self, rollout: Rollout) -> dict:
-        """Step 5: epochs x minibatches of PPO updates; returns the averaged losses and diagnostics."""
-        # without dropout, as the rollout: the ratio must compare one function at two parameter
-        # settings, so that it is exactly 1 before the first step (TRL disables dropout likewise)
-        self.actor_critic.eval()
-        unwrapped, totals, count = self.unwrapped, {}, 0
-        for _ in range(self.epochs):
-            for index in torch.randperm(len(rollout.seq)).split(self.minibatch_size):
-                mb = rollout.minibatch(index, self.device)
-                resp_mask = mb["mask"][:, rollout.start:]
-                with self.accelerator.autocast():
-                    log_probs, entropy, values = self.actor_critic(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
-                policy_loss, clip_fraction = clipped_policy_loss(log_probs, mb["log_probs"], mb["advantages"], resp_mask, self.eps_clip)
-                value_loss, value_clip_fraction = clipped_value_loss(values, mb["values"], mb["returns"], resp_mask, self.value_clip)
-                entropy = masked_mean(entropy, resp_mask)
-                loss = policy_loss + self.vf_coef * value_loss - self.entropy_coef * entropy
-                self.accelerator.backward(loss)
-                if self.max_norm is not None:
-                    # unscaled once (fp16's GradScaler refuses a second unscale_ of one optimizer
-                    # before its step), then actor and critic clipped separately
-                    self.accelerator.unscale_gradients(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(unwrapped.actor_parameters(), self.max_norm)
-                    torch.nn.utils.clip_grad_norm_(unwrapped.critic_parameters(), self.max_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
-                approx_kl = masked_mean(kl_penalty(mb["log_probs"], log_probs.detach(), "k3"), resp_mask)
-                for name, value in dict(policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
-                                        clip_fraction=clip_fraction, value_clip_fraction=value_clip_fraction).items():
-                    totals[name] = totals.get(name, 0.0) + float(value.detach())
-                count += 1
-        return {name: total / count for name, total in totals.items()}
+    def loss(self, mb: dict, rollout: Rollout, normalizers: Normalizers):
+        """Step 5 on one micro-batch: the clipped policy loss, the clipped value loss and the entropy
+        bonus, each a mean over the minibatch's tokens -> (loss, diagnostics)."""
+        resp_mask, tokens = mb["mask"][:, rollout.start:], normalizers.tokens
+        with self.accelerator.autocast():
+            log_probs, entropy, values = self.actor_critic(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
+        policy_loss, clip_fraction = clipped_policy_loss(log_probs, mb["log_probs"], mb["advantages"], resp_mask,
+                                                         self.eps_clip, num_tokens=tokens)
+        value_loss, value_clip_fraction = clipped_value_loss(values, mb["values"], mb["returns"], resp_mask,
+                                                             self.value_clip, num_tokens=tokens)
+        loss = policy_loss + self.vf_coef * value_loss - self.entropy_coef * token_mean(entropy, resp_mask, tokens)
+        # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
+        approx_kl = token_mean(kl_penalty(mb["log_probs"], log_probs.detach(), "k3", resp_mask), resp_mask, tokens)
+        return loss, dict(policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
+                          clip_fraction=clip_fraction, value_clip_fraction=value_clip_fraction)
+
+    def clip_gradients(self):
+        if self.max_norm is not None:
+            # unscaled once (fp16's GradScaler refuses a second unscale_ of one optimizer before its
+            # step), then actor and critic clipped separately
+            self.accelerator.unscale_gradients(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.unwrapped.actor_parameters(), self.max_norm)
+            torch.nn.utils.clip_grad_norm_(self.unwrapped.critic_parameters(), self.max_norm)
 
     def step(self, max_seq_len: int, rollout_batch_size: int = 16, temperature: float = 1.0):
         """One PPO iteration on `rollout_batch_size` prompts drawn for this process -> (diagnostics, rollout)."""

@@ -17,6 +17,7 @@ from palm_rlhf.reward import RewardEnsemble, RewardModel, encode_reward_input, p
 from palm_rlhf.training import (
     GracefulStop,
     MetricsLogger,
+    SampleLogger,
     check_finite,
     check_in_sync,
     checkpoint_exists,
@@ -24,6 +25,7 @@ from palm_rlhf.training import (
     load_checkpoint,
     plot_metrics,
     save_checkpoint,
+    write_run_record,
 )
 
 
@@ -37,7 +39,7 @@ class RLStageConfig:
     uncertainty_weight: float = field(default=1.0, metadata={"help": "lambda of --ensemble uwo"})
     prompt_words: int = field(default=4, metadata={"help": "words of each held-out review snippet used as a prompt"})
     num_eval_prompts: int = field(default=256, metadata={"help": "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)"})
-    max_seq_len: int = field(default=40, metadata={"help": "prompt + response tokens (40 BPE tokens hold most review snippets; with a byte-level LM use about 128)"})
+    max_seq_len: int = field(default=48, metadata={"help": "the longest prompt + the response budget, in tokens: each response gets at most max_seq_len - the longest training prompt (48 - 17 = 31 BPE tokens hold most review snippets; with a byte-level LM use about 160)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of the policy's log-probs)"})
 
 
@@ -100,7 +102,7 @@ def evaluate(trainer, prompts, cfg, num_samples=1, chunk=64) -> dict:
     per_batch = max(1, chunk // num_samples)  # about `chunk` sequences per batch
     scores, texts = [], []
     for i in range(0, len(prompts), per_batch):
-        seq, mask, start = trainer.sample(prompts[i : i + per_batch], cfg.max_seq_len, cfg.temperature,
+        seq, mask, start = trainer.sample(prompts[i : i + per_batch], trainer.response_budget(cfg.max_seq_len), cfg.temperature,
                                           group_size=num_samples, generator=generator)
         scores.append(trainer.score(seq, mask, start).cpu())
         response_tokens = mask.clone()
@@ -147,6 +149,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
         accelerator.print(f"resumed at iteration {start}")
     init_trackers(accelerator, f"palm_rlhf_{stage}", asdict(cfg))
     metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
+    samples = SampleLogger(out_dir, accelerator, resume=cfg.resume)
     if before is None:  # the actor starts equal to the LM: its samples are the "before" column
         before = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
         metrics.log(0, eval_score=before[1]["score"], eval_vader=before[1]["vader"])
@@ -165,8 +168,10 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
         check_finite(sum(v for k, v in stats.items() if k.endswith("loss")), iteration,
                      hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
         # each process's responses are its own: their VADER is averaged over processes (equal counts)
-        vader = accelerator.reduce(torch.tensor(mean_vader(rollout.responses(trainer.tokenizer)), device=accelerator.device), "mean")
+        responses = rollout.responses(trainer.tokenizer)
+        vader = accelerator.reduce(torch.tensor(mean_vader(responses), device=accelerator.device), "mean")
         metrics.log(iteration + 1, **stats, vader=vader)
+        samples.log(iteration + 1, rollout.prompt_texts(trainer.tokenizer), responses)
         progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl", "response_length") if k in stats})
         done = iteration + 1
         if stop.requested_on_any(accelerator):
@@ -182,6 +187,7 @@ def run_rl_stage(cfg, trainer, *, accelerator, model, stage: str, method: str, e
     metrics.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
     trainer.save_policy(out_dir / "final")
     if accelerator.is_main_process:
+        write_run_record(out_dir / "final", cfg)
         plot_metrics(out_dir / "metrics.csv", out_dir / f"{stage}.png", plot_panels)
         kl = f"{stats['kl']:.3f} nats per response" if "kl" in stats else "not measured"
         print(f"\non {len(eval_prompts)} held-out prompts, sampled at seed {cfg.seed} (KL to the LM at the end: {kl})")

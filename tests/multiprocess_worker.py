@@ -5,8 +5,12 @@ imports the builders below to redo the same work on one process and compare.
 
 Each process takes one PPO and one GRPO iteration and one PPO update on its half of a fixed rollout;
 process 0 writes what every process drew and ended with to OUT_DIR/ranks.json and the actor-critic
-after the update on half the rollout to OUT_DIR/half_rollout.pt.
+after the update on half the rollout to OUT_DIR/half_rollout.pt. Then, for PPO and for GRPO with
+each loss aggregation, the gradient of one optimizer step on this process's half of a rollout whose
+responses have unequal lengths (OUT_DIR/gradients.pt), and KTO's reference point from this
+process's half of a batch (in ranks.json).
 """
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.dpo import kto_kl_estimate
 from palm_rlhf.grpo import GRPOTrainer
 from palm_rlhf.ppo import Rollout, RLHFTrainer
 from palm_rlhf.tokenizer import EOS_ID, ByteTokenizer
@@ -51,10 +56,50 @@ def ppo_trainer(accelerator=None, **kwargs) -> RLHFTrainer:
     return RLHFTrainer(palm=tiny_palm(), accelerator=accelerator, **kwargs)
 
 
-def grpo_trainer(accelerator=None) -> GRPOTrainer:
+def grpo_trainer(accelerator=None, **kwargs) -> GRPOTrainer:
     torch.manual_seed(1)
-    return GRPOTrainer(palm=tiny_palm(), reward_fn=count_e, prompt_token_ids=PROMPTS, group_size=2, minibatch_size=BATCH,
-                       seed=SEED, accelerator=accelerator)
+    kwargs = dict(dict(reward_fn=count_e, prompt_token_ids=PROMPTS, group_size=2, minibatch_size=BATCH, seed=SEED), **kwargs)
+    return GRPOTrainer(palm=tiny_palm(), accelerator=accelerator, **kwargs)
+
+
+# one optimizer step's gradient, for the invariance tests: PPO, and GRPO with each aggregation
+GRADIENT_CASES = {"ppo": {}, **{f"grpo_{how}": dict(loss_aggregation=how) for how in ("token", "sequence", "constant")}}
+KTO_LOG_RATIOS = torch.tensor([[-3.0, -1.0, -2.0, -0.5], [1.0, 2.5, 0.5, 1.5]])  # process 0's are all negative
+
+
+def gradient_trainer(case: str, accelerator=None, **kwargs):
+    """The trainer of one invariance case, without clipping (the gradient itself is compared)."""
+    if case == "ppo":
+        return ppo_trainer(accelerator, max_norm=None, minibatch_size=2 * BATCH, **kwargs)
+    return grpo_trainer(accelerator, max_norm=None, beta=0.1, kl_in="loss", minibatch_size=2 * BATCH,
+                        **GRADIENT_CASES[case], **kwargs)
+
+
+def unequal_rollout(trainer):
+    """A fixed rollout of 2 * BATCH responses (the same on every process) cut to unequal lengths:
+    response i keeps 1 + 5i mod (budget) tokens, so the two halves hold different token counts."""
+    prompts = [trainer.prompts[i] for i in range(2 * BATCH)]
+    if isinstance(trainer, GRPOTrainer):
+        prompts = prompts[:BATCH]  # BATCH prompts x group_size 2
+    rollout = trainer.rollout(prompts, SEQ_LEN, generator=torch.Generator().manual_seed(0))[0]
+    response = rollout.mask[:, rollout.start:]
+    keep = 1 + (5 * torch.arange(len(response))) % response.shape[1]
+    response &= torch.arange(response.shape[1])[None] < keep[:, None]
+    rollout.seq[:, rollout.start:][~response] = trainer.palm.pad_id
+    return rollout
+
+
+def one_step_gradient(trainer, rollout) -> dict:
+    """The gradient of the trained parameters at the optimizer step of one minibatch (the whole
+    rollout): {name: tensor}. The step itself is skipped."""
+    grads = {}
+
+    def record():
+        grads.update({name: p.grad.detach().clone() for name, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = record
+    trainer.optimizer_step(rollout, torch.arange(len(rollout.seq)))
+    return grads
 
 
 def fixed_rollout(trainer: RLHFTrainer) -> Rollout:
@@ -66,6 +111,11 @@ def fixed_rollout(trainer: RLHFTrainer) -> Rollout:
 def rows(rollout, index) -> Rollout:
     tensors = {name: getattr(rollout, name)[index] for name in rollout.tensor_names()}
     return Rollout(**tensors, start=rollout.start, temperature=rollout.temperature)
+
+
+def rows_of(rollout, index):
+    """The rows `index` of any rollout dataclass (PPO's or GRPO's), its other fields kept."""
+    return dataclasses.replace(rollout, **{name: getattr(rollout, name)[index] for name in rollout.tensor_names()})
 
 
 def checksum(model) -> float:
@@ -91,10 +141,19 @@ def main(out_dir: Path):
     half.learn(rows(rollout, slice(rank * BATCH, (rank + 1) * BATCH)))
     report["half_checksum"] = checksum(half.unwrapped)
 
+    gradients = {}
+    for case in GRADIENT_CASES:
+        trainer = gradient_trainer(case, accelerator)
+        rollout = unequal_rollout(trainer)
+        gradients[case] = one_step_gradient(trainer, rows_of(rollout, slice(rank * BATCH, (rank + 1) * BATCH)))
+    log_ratios = KTO_LOG_RATIOS[rank]
+    report["kto_z0"] = float(kto_kl_estimate(log_ratios, torch.zeros_like(log_ratios), lambda x: accelerator.reduce(x, "mean")))
+
     reports = gather_object([report])
     if accelerator.is_main_process:
         (out_dir / "ranks.json").write_text(json.dumps(reports))
         torch.save(half.unwrapped.state_dict(), out_dir / "half_rollout.pt")
+        torch.save(gradients, out_dir / "gradients.pt")
     accelerator.wait_for_everyone()
 
 

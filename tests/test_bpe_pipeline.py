@@ -74,7 +74,7 @@ def test_rl_scripts_sample_and_score_in_bpe_tokens(stages, script, tmp_path):
     group = ["--rollout_batch_size", "4", "--minibatch_size", "4"] if script == "train_ppo.py" else \
         ["--prompts_per_step", "2", "--group_size", "2", "--minibatch_size", "4"]
     out = run_script(script, "--lm_checkpoint", str(stages / "lm" / "final"), "--reward_checkpoint", str(stages / "reward" / "final"),
-                     "--num_eval_prompts", "3", "--max_seq_len", "24", "--best_of", "1,2", "--iterations", "1",
+                     "--num_eval_prompts", "3", "--max_seq_len", "48", "--best_of", "1,2", "--iterations", "1",
                      *group, "--out_dir", str(tmp_path))
     assert "after" in out.stdout
     policy = PaLM.from_pretrained(tmp_path / "final")
@@ -94,7 +94,7 @@ def test_evaluate_on_bpe(stages, tmp_path):
     evaluate = script_module("evaluate")
     cfg = evaluate.EvaluateConfig(policies=f"same={stages / 'lm' / 'final'}", lm_checkpoint=str(stages / "lm" / "final"),
                                   reward_checkpoint=str(stages / "reward" / "final"), num_prompts=4, samples=2,
-                                  best_of="1,2", max_seq_len=20, out_dir=str(tmp_path), batch_size=16)
+                                  best_of="1,2", max_seq_len=48, out_dir=str(tmp_path), batch_size=16)
     rows = {row["name"]: row for row in evaluate.evaluate(cfg)}
     assert rows["same"]["kl"] == 0
     assert rows["LM"]["length"] > 0 and rows["LM"]["bits_per_byte"] > 0

@@ -155,6 +155,17 @@ def test_beta_zero_makes_no_reference_forward_pass():
     assert stats["kl"] == 0.0 and stats["kl_loss"] == 0.0  # the adapters start as a no-op
 
 
+def test_the_response_budget_is_fixed_by_the_longest_prompt_not_by_each_batch():
+    t = trainer(estimator="dr_grpo", loss_aggregation="constant", beta=0.0)
+    short_only = [PROMPTS[1]] * 2  # 2 tokens; the trainer's longest prompt has 4
+    for prompts in (PROMPTS, short_only):
+        rollout, _ = t.rollout(prompts, max_seq_len=12)
+        assert rollout.max_new_tokens == 12 - 4  # Dr. GRPO's constant, the same every iteration
+        assert rollout.mask[:, rollout.start:].sum(dim=1).max() <= 8
+    with pytest.raises(ValueError, match="the longest prompt has 4 tokens, so max_seq_len must be at least 5"):
+        t.rollout(PROMPTS, max_seq_len=4)
+
+
 def test_rollout_groups_and_advantages_by_hand():
     t = trainer(estimator="dr_grpo", beta=0.0)
     rollout, stats = t.rollout(PROMPTS, max_seq_len=12)
@@ -172,8 +183,11 @@ def test_kl_in_the_reward_is_subtracted_before_the_group_baseline():
     t = perturbed(trainer(estimator="rloo", kl_in="reward", beta=0.5))
     rollout, stats = t.rollout(PROMPTS, max_seq_len=12)
     resp_mask = rollout.mask[:, rollout.start:]
-    kl = (kl_penalty(rollout.log_probs, rollout.ref_log_probs, "k1") * resp_mask).sum(dim=1)
-    assert stats["kl"] == pytest.approx(kl.mean().item(), rel=1e-5) and kl.abs().max() > 0
+    # the KL from forward passes of its own: the policy's scope and the base, not the rollout's tensors
+    policy = t.palm.log_probs(rollout.seq, rollout.mask, finetune_scope="actor")[:, rollout.start - 1:]
+    reference = t.palm.log_probs(rollout.seq, rollout.mask, disable_lora=True)[:, rollout.start - 1:]
+    kl = ((policy - reference) * resp_mask).sum(dim=1)
+    assert stats["kl"] == pytest.approx(kl.mean().item(), rel=1e-4) and kl.abs().max() > 0
     prompt_mask = rollout.mask & (torch.arange(rollout.seq.shape[1]) < rollout.start)
     rewards = count_target(rollout.seq, prompt_mask, rollout.mask) - 0.5 * kl
     torch.testing.assert_close(rollout.advantages, rloo_advantages(rewards.view(2, 4)).view(-1))

@@ -57,3 +57,30 @@ def test_an_update_on_half_a_rollout_per_process_equals_one_on_the_whole(launche
     assert any(not torch.equal(before[k], one_process[k]) for k in before)  # the update moved something
     for name, value in one_process.items():
         torch.testing.assert_close(two_processes[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(worker.GRADIENT_CASES))
+def test_one_step_gradient_is_the_same_in_one_pass_in_micro_batches_and_over_two_processes(launched, case):
+    """Responses of unequal lengths: token and sequence means are of the whole minibatch, not of each
+    micro-batch's or process's share of it (DAPO's token mean; the trackers' gradient-accumulation bug)."""
+    trainer = worker.gradient_trainer(case)
+    rollout = worker.unequal_rollout(trainer)
+    lengths = rollout.mask[:, rollout.start:].sum(dim=1)
+    half = len(lengths) // 2
+    assert lengths[:half].sum() != lengths[half:].sum()  # the processes' token counts differ
+    whole = worker.one_step_gradient(trainer, rollout)
+    in_micro_batches = worker.one_step_gradient(worker.gradient_trainer(case, micro_batch_size=3), rollout)
+    two_processes = torch.load(launched[1] / "gradients.pt")[case]
+    assert whole and set(whole) == set(in_micro_batches) == set(two_processes)
+    assert any(g.abs().max() > 0 for g in whole.values())
+    for name, gradient in whole.items():
+        torch.testing.assert_close(in_micro_batches[name], gradient, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(two_processes[name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_kto_reference_point_is_clamped_after_the_average_over_processes(launched):
+    # process 0's mean log-ratio is -1.625, process 1's 1.375: clamped apart they would give 0.6875
+    assert launched[0][0]["kto_z0"] == launched[0][1]["kto_z0"] == pytest.approx(0.0)
+    one_process = worker.kto_kl_estimate(worker.KTO_LOG_RATIOS.flatten(), torch.zeros(8))
+    assert float(one_process) == pytest.approx(0.0)
+    assert float(worker.kto_kl_estimate(worker.KTO_LOG_RATIOS[1], torch.zeros(4))) == pytest.approx(1.375)

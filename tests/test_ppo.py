@@ -123,6 +123,20 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     assert fixed.beta == 0.1
 
 
+def test_an_extreme_log_ratio_at_padding_leaves_the_losses_finite():
+    mask = torch.tensor([[True, True, False]])
+    log_probs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0, -1000.0]])  # the padded position: exp(1000) is inf
+    advantages = torch.ones(1, 3)
+    loss, clip_fraction = clipped_policy_loss(log_probs, old, advantages, mask, 0.2)
+    kl = kl_penalty(log_probs, old, "k3", mask).sum() + kl_penalty(log_probs, old, "k2", mask).sum()
+    (loss + kl).backward()
+    assert torch.isfinite(loss) and torch.isfinite(kl) and torch.isfinite(log_probs.grad).all()
+    assert log_probs.grad[0, 2] == 0
+    expected, _ = clipped_policy_loss(log_probs[:, :2], old[:, :2], advantages[:, :2], mask[:, :2], 0.2)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_response_mask_keeps_tokens_through_the_first_eos():
     tokens = torch.tensor([[5, EOS_ID, PAD_ID], [5, 6, 7], [EOS_ID, PAD_ID, PAD_ID]])
     assert response_mask(tokens, EOS_ID).tolist() == [[True, True, False], [True, True, True], [True, False, False]]
@@ -157,12 +171,19 @@ def test_rollout_is_batched_padded_and_ends_at_eos():
     torch.testing.assert_close(rollout.log_probs[response_real], expected[response_real], atol=1e-5, rtol=1e-5)
 
 
+def low_bytes(seq, prompt_mask, mask):
+    """A reward that varies from sample to sample: the response's bytes below 128."""
+    return ((seq < 128) & mask & ~prompt_mask).float().sum(dim=1)
+
+
 def test_missing_eos_penalty_is_subtracted():
-    t = trainer(missing_eos_penalty=3.0)
-    torch.manual_seed(1)
-    rollout, stats = t.rollout(PROMPTS * 4, max_seq_len=8)
-    torch.manual_seed(1)
-    rollout_without, stats_without = trainer().rollout(PROMPTS * 4, max_seq_len=8)
+    results = []
+    for penalty in (3.0, None):  # two trainers that draw the same samples: the same adapters, one generator
+        torch.manual_seed(0)
+        t = trainer(missing_eos_penalty=penalty, reward_fn=low_bytes)
+        results.append(t.rollout(PROMPTS * 4, max_seq_len=8, generator=torch.Generator().manual_seed(1)))
+    (rollout, stats), (rollout_without, stats_without) = results
+    assert torch.equal(rollout.seq, rollout_without.seq) and stats_without["score"] > 0
     assert stats["ended_with_eos"] < 1
     assert stats["score"] == pytest.approx(stats_without["score"] - 3.0 * (1 - stats["ended_with_eos"]))
 

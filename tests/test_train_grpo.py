@@ -1,17 +1,23 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_train_ppo import checkpoints  # noqa: F401 (the tiny LM and reward model, a fixture)
 
 from palm_rlhf import PaLM
+from palm_rlhf.data import review_prompts, vader_compound
+from palm_rlhf.rl_stage import human_texts, load_models
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train_grpo import TrainGRPOConfig  # noqa: E402
 TINY = ["--num_eval_prompts", "3", "--prompts_per_step", "2", "--group_size", "3", "--minibatch_size", "3",
-        "--max_seq_len", "40", "--best_of", "1,2"]
+        "--max_seq_len", "48", "--best_of", "1,2"]
 
 
 def run_script(*args):
@@ -43,7 +49,12 @@ def test_runs_end_to_end_resumes_and_leaves_a_loadable_policy(tmp_path, checkpoi
     metrics = read_metrics(run / "metrics.csv")
     for key in ("score", "kl", "vader", "approx_kl", "clip_fraction", "zero_variance_groups", "eval_score", "eval_vader"):
         assert key in metrics, key
-    assert metrics["score"][0] == [1, 2] and all(-1 <= v <= 1 for v in metrics["vader"][1])
+    assert metrics["score"][0] == [1, 2]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for iteration, logged in zip(*metrics["vader"]):  # the logged VADER is that of the iteration's responses
+        responses = [s["response"] for s in samples if s["iteration"] == iteration]
+        assert len(responses) == 2 * 3 and logged == pytest.approx(sum(vader_compound(responses)) / len(responses))
+    assert {s["prompt"] for s in samples} <= set(review_prompts())
     assert (run / "grpo.png").stat().st_size > 0
 
     policy = PaLM.from_pretrained(run / "final")
@@ -78,3 +89,18 @@ def test_an_ensemble_of_reward_models(tmp_path, checkpoints):  # noqa: F811
     assert "after RLOO" in out.stdout and not PaLM.from_pretrained(run / "final").finetune_modules
     out = run_script(*TINY, "--lm_checkpoint", lm, "--reward_checkpoint", f"{reward},{tmp_path / 'missing'}", "--out_dir", str(run))
     assert out.returncode != 0 and "missing: no such folder; run train_reward.py first" in out.stderr
+
+
+def test_an_ensembles_members_are_standardised_on_the_human_snippets_without_dropout(tmp_path, checkpoints):  # noqa: F811
+    lm, reward = checkpoints[1], checkpoints[3]
+    torch.manual_seed(1)
+    RewardModel(PaLM.from_pretrained(lm), num_binned_output=5, dropout=0.5).save(tmp_path / "reward_2")
+    cfg = TrainGRPOConfig(lm_checkpoint=lm, reward_checkpoint=f"{reward},{tmp_path / 'reward_2'}", ensemble="mean")
+    palm, ensemble = load_models(cfg)
+    _, again = load_models(cfg)
+    torch.testing.assert_close(ensemble.shift, again.shift, rtol=0, atol=0)  # calibration draws no dropout noise
+    calibration = human_texts(palm.tokenizer, cfg.prompt_words)
+    with torch.no_grad():
+        standardised = (ensemble.raw_scores(*calibration) - ensemble.shift[:, None]) / ensemble.scale[:, None]
+    torch.testing.assert_close(standardised.mean(dim=1), torch.zeros(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardised.std(dim=1), torch.ones(2), atol=1e-4, rtol=0)

@@ -11,7 +11,7 @@ from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num_eval_prompts", "3", "--rollout_batch_size", "4", "--minibatch_size", "4", "--epochs", "1",
-        "--max_seq_len", "40", "--best_of", "1,2"]
+        "--max_seq_len", "48", "--best_of", "1,2"]
 
 
 def run_script(*args):
