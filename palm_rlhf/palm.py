@@ -19,6 +19,7 @@ frozen reference policy (Hydra-RLHF, Santacroce et al. 2023).
 
 Notation: b batch, n query length, m key length, h heads, d head dim, D model dim, v vocab.
 """
+import contextlib
 import copy
 import functools
 import json
@@ -362,6 +363,20 @@ class RaiseOnBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise RuntimeError(ctx.message)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Runs the block with `module` in eval mode (no dropout), then puts every submodule back in the
+    mode it was in: inference (scoring, calibration, sampling) must not depend on what the caller
+    left, and a base shared by several roles keeps each role's mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def outside_autograd(fn):

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from palm_rlhf.compat import REWARD_MODEL, upstream_keywords
-from palm_rlhf.palm import PaLM
+from palm_rlhf.palm import PaLM, eval_mode
 from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,8 +251,10 @@ class RewardModel(nn.Module):
         return expected_rating(logits) if self.num_binned_output else logits.float()
 
     def score(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:
-        """The scalar reward for RL, (b,): expected rating (binned head) or the raw scalar."""
-        return self(seq, mask=mask, prompt_mask=prompt_mask)
+        """The scalar reward for RL, (b,): expected rating (binned head) or the raw scalar, always
+        without dropout, whatever mode the model was left in."""
+        with eval_mode(self):
+            return self(seq, mask=mask, prompt_mask=prompt_mask)
 
     def pairwise_loss(self, chosen_seq, rejected_seq, chosen_prompt_mask=None, rejected_prompt_mask=None,
                       chosen_mask=None, rejected_mask=None, margin=0.0) -> torch.Tensor:
@@ -318,7 +320,7 @@ class RewardModel(nn.Module):
         if missing:
             raise ValueError(f"{directory / 'reward.safetensors'} lacks {missing[:5]}")
         model.load_state_dict(saved, strict=False)
-        return model
+        return model.eval()
 
 
 class RewardEnsemble(nn.Module):
@@ -357,7 +359,8 @@ class RewardEnsemble(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, seq, prompt_mask, mask, batch_size: int = 64):
-        """Sets each member's shift and scale to the mean and std of its scores on these sequences."""
+        """Sets each member's shift and scale to the mean and std of its scores on these sequences
+        (scored without dropout, as `score` always is)."""
         batches = zip(seq.split(batch_size), prompt_mask.split(batch_size), mask.split(batch_size))
         raw = torch.cat([self.raw_scores(*batch) for batch in batches], dim=1)
         self.shift.copy_(raw.mean(dim=1))

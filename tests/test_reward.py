@@ -286,3 +286,30 @@ def test_ensemble_standardises_then_combines_as_coste_et_al(tmp_path, combine):
         RewardEnsemble(members, combine="max")
     with pytest.raises(ValueError, match="at least two"):
         RewardEnsemble(members[:1])
+
+
+def test_ensemble_calibration_and_scores_run_without_dropout_whatever_mode_the_members_are_in(tmp_path):
+    paths, palm = two_saved_reward_models(tmp_path)
+    members = [RewardModel.from_pretrained(p, palm=palm, scope=f"reward_{i}") for i, p in enumerate(paths)]
+    for member in members:
+        member.dropout.p = 0.5  # a head dropout that would move every calibration if it were on
+    ensemble = RewardEnsemble(members).train()  # as a caller may leave it
+    calibration = batch(TEXTS * 2 + [("A", " film."), ("It", " was fine, I suppose.")])
+    first = ensemble.calibrate(*calibration).shift.clone(), ensemble.scale.clone()
+    second = ensemble.calibrate(*calibration).shift.clone(), ensemble.scale.clone()
+    in_eval = ensemble.eval().calibrate(*calibration).shift.clone(), ensemble.scale.clone()
+    for a, b in ((first, second), (first, in_eval)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    ensemble.train()
+    torch.testing.assert_close(ensemble.score(*calibration), ensemble.score(*calibration), rtol=0, atol=0)
+    assert all(m.training for m in ensemble.modules())  # the caller's mode comes back
+
+
+def test_a_loaded_reward_model_scores_in_eval_mode(tmp_path):
+    paths, _ = two_saved_reward_models(tmp_path)
+    model = RewardModel.from_pretrained(paths[0])
+    assert not model.training
+    model.dropout.p = 0.5
+    seq, prompt_mask, mask = batch(TEXTS)
+    torch.testing.assert_close(model.train().score(seq, prompt_mask, mask), model.score(seq, prompt_mask, mask), rtol=0, atol=0)
