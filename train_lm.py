@@ -39,6 +39,7 @@ from palm_rlhf.training import (
     plot_metrics,
     save_checkpoint,
     set_seed,
+    write_run_record,
 )
 
 
@@ -207,6 +208,7 @@ def train(cfg: TrainLMConfig):
     weights = full_state_dict(accelerator, palm)  # on every process: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
         unwrapped.save(out_dir / "final", state_dict=weights)
+        write_run_record(out_dir / "final", cfg)
         plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
         print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
     accelerator.wait_for_everyone()  # all leave together, once the main process has written

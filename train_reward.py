@@ -54,6 +54,7 @@ from palm_rlhf.training import (
     plot_metrics,
     save_checkpoint,
     set_seed,
+    write_run_record,
 )
 
 VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
@@ -396,6 +397,7 @@ def train(cfg: TrainRewardConfig) -> dict:
     final = final or evaluate(unwrapped, data, cfg, accelerator.device)
     if accelerator.is_main_process:
         unwrapped.save(out_dir / "final")
+        write_run_record(out_dir / "final", cfg)
         (out_dir / "final_metrics.json").write_text(json.dumps(dict(**final, **baselines), indent=2))
         panels = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
                   ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]

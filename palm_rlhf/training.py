@@ -22,8 +22,10 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
+import sys
 import types
 import typing
 from pathlib import Path
@@ -331,6 +333,15 @@ class GracefulStop:
         return bool(accelerator.reduce(flag, "sum") > 0)
 
 
+def write_run_record(directory, config) -> Path:
+    """directory/run.json: the command that made the folder's model and its whole config, so that a
+    figure measured on the model later (evaluate.py) can name exactly what made it."""
+    command = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
+    path = Path(directory) / "run.json"
+    path.write_text(json.dumps(dict(command=command, config=dataclasses.asdict(config)), indent=2, default=str))
+    return path
+
+
 # metrics
 
 
@@ -358,6 +369,25 @@ class MetricsLogger:
                 file.writelines(f"{step},{key},{value!r}\n" for key, value in values.items())
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(values, step=step)
+
+
+class SampleLogger:
+    """Appends every iteration's prompts and responses, from every process, to run_dir/samples.jsonl,
+    one {"iteration", "prompt", "response"} object a line: what the logged means were taken over, to
+    read or to score again. A fresh run starts the file anew; `resume=True` appends to it."""
+
+    def __init__(self, run_dir, accelerator, resume: bool = False):
+        self.accelerator = accelerator
+        self.path = Path(run_dir) / "samples.jsonl"
+        if accelerator.is_main_process and not (resume and self.path.exists()):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, iteration: int, prompts: list, responses: list) -> None:
+        rows = gather_object([dict(iteration=iteration, prompt=p, response=r) for p, r in zip(prompts, responses)])
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def read_metrics(csv_path) -> dict:
