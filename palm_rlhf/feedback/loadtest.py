@@ -34,9 +34,9 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 ITEM = re.compile(r'action="/answer/(\d+)/"')
-# a few logins at a time: each hashes a password on purpose slowly, and fifty at once on a small
-# machine can outlast the client's timeout
-LOGINS = threading.Semaphore(4)
+# no more logins at once than the server hashes and queues with one slot (see throttle.py): each
+# hashes a password on purpose slowly, and a login refused for busy slots counts against its address
+LOGINS = threading.Semaphore(3)
 
 
 class Rater:

@@ -88,6 +88,20 @@ def new_token():
     return secrets.token_urlsafe(24)
 
 
+class LoginCounter(models.Model):
+    """One count the login throttle keeps (see throttle.py): failed logins of a client address, of an
+    account, or of an (account, address) pair, or an address's successful logins into an account.
+
+    Each row carries its own expiry, in time.time() seconds; rows past it count as absent and are
+    deleted as failures come in. Nothing else removes a row, so no flood of new names can push one out.
+    """
+
+    key = models.CharField(max_length=80, unique=True, help_text="kind:digest of the account and/or address")
+    count = models.PositiveIntegerField(default=0)
+    expires = models.FloatField(db_index=True)
+    wait_until = models.FloatField(default=0.0, help_text="accounts: no try from an untrusted client before this")
+
+
 class Invite(models.Model):
     token = models.CharField(max_length=64, unique=True, default=new_token)
     is_staff = models.BooleanField(default=False)

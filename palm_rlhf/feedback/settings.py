@@ -58,6 +58,14 @@ def database_from_url(url: str) -> dict:
     }
 
 
+def whole_number(name: str, default: int, least: int) -> int:
+    """A count from the environment; one line when it is not a whole number of at least `least`."""
+    text = os.environ.get(name, str(default))
+    if not (text.isascii() and text.isdigit() and len(text) < 10 and int(text) >= least):
+        raise ValueError(f"{name} must be a whole number of at least {least}, not {text!r}")
+    return int(text)
+
+
 def private_folder(path: Path) -> None:
     """The data folder, 0700: it holds the secret key and the database (password hashes, sessions, invites)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -154,14 +162,22 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en"
 
-# Failed logins (see throttle.py): per account, per client address, within one window of seconds.
-FEEDBACK_LOGIN_FAILURES = 10
+# The login throttle (see throttle.py). Hard limits: failures from one address, and of one account
+# from one address, within a window of seconds from the first. An account's own failures only
+# delay untrusted clients, from the Nth on, by a doubling delay of at most MAX_DELAY seconds; they
+# and an address's failures are remembered this long after the last one.
 FEEDBACK_ADDRESS_FAILURES = 50
+FEEDBACK_PAIR_FAILURES = 10
 FEEDBACK_LOGIN_WINDOW = 15 * 60
-FEEDBACK_LOGIN_SLOTS = int(os.environ.get("PALM_RLHF_FEEDBACK_LOGIN_SLOTS", max(1, (os.cpu_count() or 2) // 2)))
-# the failure counts live here: the server's own memory, shared by its threads
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+FEEDBACK_ACCOUNT_FAILURES = 5
+FEEDBACK_ACCOUNT_MAX_DELAY = 300
+FEEDBACK_FAILURE_MEMORY = 24 * 3600
+FEEDBACK_KNOWN_ADDRESS_DAYS = 30
+# passwords hashed at once; clients served first may queue for a slot, this many at most, this long
+FEEDBACK_LOGIN_SLOTS = whole_number("PALM_RLHF_FEEDBACK_LOGIN_SLOTS", max(1, (os.cpu_count() or 2) // 2), least=1)
+FEEDBACK_LOGIN_QUEUE = 2 * FEEDBACK_LOGIN_SLOTS
+FEEDBACK_LOGIN_WAIT = 5
 
 # An item handed to a rater is held for them this long; after that an unanswered hand-out no
 # longer counts against the item's overlap, so a rater who walks away does not block it forever.
-FEEDBACK_LEASE_SECONDS = int(os.environ.get("PALM_RLHF_FEEDBACK_LEASE_SECONDS", 30 * 60))
+FEEDBACK_LEASE_SECONDS = whole_number("PALM_RLHF_FEEDBACK_LEASE_SECONDS", 30 * 60, least=0)

@@ -1,20 +1,32 @@
-"""Login throttling: failed logins counted per account and per client address, refused before hashing.
+"""Login throttling after OWASP's Authentication Cheat Sheet, checked before any password is hashed.
 
-Checking a password is slow on purpose (Django's PBKDF2 takes about half a second of CPU), so a
-stream of wrong passwords both guesses at accounts and starves the server of CPU and threads. A
-login is refused, with a clear message and status 429, before any password is hashed when:
-1. its account had FEEDBACK_LOGIN_FAILURES failed logins in the current window of
-   FEEDBACK_LOGIN_WINDOW seconds (the window starts at the first failure, so the real user is kept
-   out for at most one window, and refused attempts do not extend it);
-2. its client address had FEEDBACK_ADDRESS_FAILURES failed logins in the window (one client trying
-   many accounts); behind a declared proxy the address is the one the proxy appended to
-   X-Forwarded-For;
-3. FEEDBACK_LOGIN_SLOTS logins are being checked already: it is refused at once rather than queued,
-   so hashing never holds more than that many server threads and cores, and raters' answers stay fast.
-Counts live in Django's cache: in the server's memory by default, forgotten on a restart. The
-window is kept with the count and judged by now() (not by the cache's expiry), so tests can move the clock.
+Checking a password is slow on purpose (Django's PBKDF2 takes a fraction of a second of CPU), so a
+stream of wrong passwords both guesses at accounts and starves the server of CPU and threads.
+1. A client address with FEEDBACK_ADDRESS_FAILURES failed logins in its window (FEEDBACK_LOGIN_WINDOW
+   seconds from its first failure) is refused (429) for every account until the window ends.
+2. An (account, address) pair with FEEDBACK_PAIR_FAILURES failures in its window is refused for that
+   account. A success clears the pair.
+3. An account is never locked: anyone could lock out anyone. From its FEEDBACK_ACCOUNT_FAILURES-th
+   failure on, each failure doubles a delay (1 s, 2 s, 4 s, ... at most FEEDBACK_ACCOUNT_MAX_DELAY)
+   before an untrusted client may try it again. Its count is forgotten FEEDBACK_FAILURE_MEMORY
+   seconds after its last failure (longer than a window: the delays must outlast a pair's lock).
+4. FEEDBACK_LOGIN_SLOTS passwords are hashed at once. A client served first waits for a slot (up to
+   FEEDBACK_LOGIN_WAIT s, at most FEEDBACK_LOGIN_QUEUE of them) and goes before any other; any other
+   client is refused at once while the slots are busy or a first client waits. Each refusal for busy
+   slots counts toward its address's limit (1) unless the client is known, so a flood that keeps the
+   slots busy, even from fresh addresses, locks itself out within a second or so.
+Trusted for an account (never delayed by 3, served first by 4): an address with no failed login in
+FEEDBACK_FAILURE_MEMORY seconds, or a known one, which logged into this account within
+FEEDBACK_KNOWN_ADDRESS_DAYS. A browser already logged in is served first too. Known clients (a known
+address, a logged-in browser) are who 4 never charges for a busy refusal.
+
+The counts are LoginCounter rows: nothing evicts them (a cache did, under a flood of new usernames),
+each expires on its own, and every thread and process of the server sees the same ones. Behind a
+declared proxy the address is the one the proxy appended to X-Forwarded-For. Times come from now(),
+so tests can move the clock.
 """
 import hashlib
+import json
 import math
 import threading
 import time
@@ -22,11 +34,19 @@ import time
 from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.db import transaction
 
-SLOTS = threading.BoundedSemaphore(settings.FEEDBACK_LOGIN_SLOTS)
-COUNTING = threading.Lock()
+from .models import LoginCounter
+
+THROTTLED = "Too many failed logins from your address%(account)s. Try again in %(minutes)s min."
+DELAYED = ("Too many failed logins for this account. From an address with failed logins, try again in "
+           "%(seconds)s s, or log in from an address you have used before.")
+BUSY = "The server is checking other logins right now. Try again in a moment."
+
+
+def now() -> float:
+    return time.time()
 
 
 def client_address(request) -> str:
@@ -36,69 +56,151 @@ def client_address(request) -> str:
     return request.META.get("REMOTE_ADDR", "")
 
 
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def counter_keys(username: str, address: str) -> dict[str, str]:
+    """The LoginCounter key of each count a login touches; hashed, so any text makes a key of fixed length."""
+    def digest(*parts):
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    return {"address": "address:" + digest(address), "pair": "pair:" + digest(username, address),
+            "account": "account:" + digest(username), "known": "known:" + digest(username, address),
+            "failed": "failed:" + digest(address)}
 
 
-def counters(username: str, address: str) -> list[tuple[str, int]]:
-    """(cache key, limit) for the account and the address; hashed, so any text makes a valid key."""
-    return [(f"login-failures:account:{digest(username)}", settings.FEEDBACK_LOGIN_FAILURES),
-            (f"login-failures:address:{digest(address)}", settings.FEEDBACK_ADDRESS_FAILURES)]
+def live_counters(keys: dict[str, str]) -> dict[str, LoginCounter]:
+    """The unexpired counters among `keys`, by kind; a kind without one has no count."""
+    rows = {row.key: row for row in LoginCounter.objects.filter(key__in=keys.values(), expires__gt=now())}
+    return {kind: rows[key] for kind, key in keys.items() if key in rows}
 
 
-def now() -> float:
-    return time.time()
+def count(counters: dict, kind: str) -> int:
+    return counters[kind].count if kind in counters else 0
 
 
-def failures(key: str) -> tuple[int, float]:
-    """(failures, when the window ends) for one key; (0, now) once its window is over."""
-    count, ends = cache.get(key, (0, 0.0))
-    return (count, ends) if ends > now() else (0, now())
+def trusted(counters: dict) -> bool:
+    return "failed" not in counters or "known" in counters
 
 
-def count_failure(key: str) -> None:
-    with COUNTING:  # read and write as one step: several slots may fail at once
-        count, ends = failures(key)
-        if count == 0:  # the window starts at the first failure
-            ends = now() + settings.FEEDBACK_LOGIN_WINDOW
-        cache.set(key, (count + 1, ends), timeout=settings.FEEDBACK_LOGIN_WINDOW)
+def refusal(counters: dict) -> ValidationError | None:
+    """Why this login may not be checked now (rules 1-3), or None."""
+    for kind, limit, account in (("address", settings.FEEDBACK_ADDRESS_FAILURES, ""),
+                                 ("pair", settings.FEEDBACK_PAIR_FAILURES, " for this account")):
+        if count(counters, kind) >= limit:
+            minutes = math.ceil((counters[kind].expires - now()) / 60)
+            return ValidationError(THROTTLED, code="throttled", params={"account": account, "minutes": minutes})
+    wait = counters["account"].wait_until - now() if "account" in counters else 0
+    if wait > 0 and not trusted(counters):
+        return ValidationError(DELAYED, code="throttled", params={"seconds": math.ceil(wait)})
+    return None
 
 
-def locked_until(keys: list[tuple[str, int]]) -> float:
-    """When the last of the locked counters among `keys` unlocks; 0 when none is locked."""
-    until = 0.0
-    for key, limit in keys:
-        count, ends = failures(key)
-        if count >= limit:
-            until = max(until, ends)
-    return until
+def bump(key: str, lifetime: float, sliding: bool = False) -> LoginCounter:
+    """Add one to a counter (inside a transaction). It expires `lifetime` seconds after its first
+    count, or with `sliding` after its latest."""
+    ends = now() + lifetime
+    row, _ = LoginCounter.objects.select_for_update().get_or_create(key=key, defaults={"expires": ends})
+    row.count += 1
+    if sliding:
+        row.expires = ends
+    row.save()
+    return row
 
 
-THROTTLED = "Too many failed logins for this account or from your address. Try again in %(minutes)s min."
-BUSY = "The server is checking other logins right now. Try again in a moment."
+def expire_counters() -> None:
+    LoginCounter.objects.filter(expires__lte=now()).delete()
+
+
+@transaction.atomic
+def count_failure(keys: dict[str, str]) -> None:
+    expire_counters()  # first, so that bump() never adds to a count whose window is over
+    window, memory = settings.FEEDBACK_LOGIN_WINDOW, settings.FEEDBACK_FAILURE_MEMORY
+    bump(keys["address"], window)
+    bump(keys["pair"], window)
+    bump(keys["failed"], memory, sliding=True)
+    account = bump(keys["account"], memory, sliding=True)
+    beyond = account.count - settings.FEEDBACK_ACCOUNT_FAILURES
+    if beyond >= 0:
+        account.wait_until = now() + min(2.0 ** beyond, settings.FEEDBACK_ACCOUNT_MAX_DELAY)
+        account.save(update_fields=["wait_until"])
+
+
+@transaction.atomic
+def count_busy(keys: dict[str, str]) -> None:
+    expire_counters()
+    bump(keys["address"], settings.FEEDBACK_LOGIN_WINDOW)
+
+
+@transaction.atomic
+def count_success(keys: dict[str, str]) -> None:
+    LoginCounter.objects.filter(key=keys["pair"]).delete()
+    known, _ = LoginCounter.objects.select_for_update().get_or_create(key=keys["known"], defaults={"expires": 0})
+    known.count += 1
+    known.expires = now() + settings.FEEDBACK_KNOWN_ADDRESS_DAYS * 24 * 3600
+    known.save()
+
+
+class Slots:
+    """At most `size` password checks at once. A client served first queues for a slot; any other takes
+    one only when one is free and nobody served first is waiting, so it never overtakes them."""
+
+    def __init__(self, size: int):
+        self.free = size
+        self.waiting = 0
+        self.changed = threading.Condition()
+
+    def acquire(self, first: bool) -> bool:
+        with self.changed:
+            if first and self.waiting < settings.FEEDBACK_LOGIN_QUEUE:
+                self.waiting += 1
+                try:  # bounded: each waiting client holds one of the server's threads
+                    ready = self.changed.wait_for(lambda: self.free > 0, timeout=settings.FEEDBACK_LOGIN_WAIT)
+                finally:
+                    self.waiting -= 1
+            else:
+                ready = self.free > 0 and self.waiting == 0
+            if ready:
+                self.free -= 1
+            return ready
+
+    def release(self) -> None:
+        with self.changed:
+            self.free += 1
+            self.changed.notify()
+
+
+SLOTS = Slots(settings.FEEDBACK_LOGIN_SLOTS)
 
 
 class ThrottledLogin:
     """Mixed into a login form, before its AuthenticationForm, so that clean() checks the throttle first."""
 
     def clean(self):
-        keys = counters(self.cleaned_data.get("username") or "", client_address(self.request))
-        if until := locked_until(keys):
-            minutes = math.ceil((until - now()) / 60)
-            raise ValidationError(THROTTLED, code="throttled", params={"minutes": minutes})
-        if not SLOTS.acquire(blocking=False):
+        keys = counter_keys(self.cleaned_data.get("username") or "", client_address(self.request))
+        counters = live_counters(keys)
+        if error := refusal(counters):
+            raise error
+        known = "known" in counters or self.request.user.is_authenticated
+        if not SLOTS.acquire(first=known or trusted(counters)):
+            if not known:  # a flood's refusals cost the flooder; a known person's retries cost nothing
+                count_busy(keys)
             raise ValidationError(BUSY, code="busy")
         try:
-            cleaned = super().clean()
+            cleaned = self.checked(keys)
         except ValidationError as error:
             if error.code == "invalid_login":
-                for key, _ in keys:
-                    count_failure(key)
+                count_failure(keys)
             raise
+        count_success(keys)
+        return cleaned
+
+    def checked(self, keys: dict[str, str]):
+        """The form's own clean(), which hashes the password, inside a slot. The counts are read again
+        first: they may have reached a limit while this login waited for its slot."""
+        try:
+            if error := refusal(live_counters(keys)):
+                raise error
+            return super().clean()
         finally:
             SLOTS.release()
-        cache.delete(keys[0][0])  # the account's own failures; the address keeps its count
-        return cleaned
 
 
 class LoginForm(ThrottledLogin, AuthenticationForm):

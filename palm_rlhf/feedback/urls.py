@@ -35,6 +35,7 @@ urlpatterns = [
     path("invite/<str:token>/", views.accept_invite, name="accept_invite"),
     path("login/", views.Login.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/login/", views.admin_login),  # before the admin's own route to the same page
     path("admin/", admin.site.urls),
     # static files straight from the app folders: a handful of small files, no collectstatic step
     re_path(r"^static/(?P<path>.*)$", serve, {"insecure": True}),

@@ -8,6 +8,7 @@ from datetime import timedelta
 from functools import wraps
 
 from django.conf import settings
+from django.contrib import admin
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -97,15 +98,25 @@ def card_context(rater, kind: str) -> dict:
     return context
 
 
+def throttle_status(response):
+    """429 for a login page whose form the throttle turned away (Django's login views answer 200)."""
+    form = (getattr(response, "context_data", None) or {}).get("form")
+    if form is not None and refused(form):
+        response.status_code = 429
+    return response
+
+
 class Login(auth_views.LoginView):
     template_name = "feedback/login.html"
     authentication_form = LoginForm
 
     def form_invalid(self, form):
-        response = super().form_invalid(form)
-        if refused(form):
-            response.status_code = 429
-        return response
+        return throttle_status(super().form_invalid(form))
+
+
+def admin_login(request):
+    """The admin's own login page (throttled through admin.site.login_form), with the app's status codes."""
+    return throttle_status(admin.site.login(request))
 
 
 @login_required

@@ -43,16 +43,6 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
-@pytest.fixture(autouse=True)
-def forget_failed_logins():
-    """The login throttle counts failures in the cache, which outlives a test; start each one afresh."""
-    from django.core.cache import cache
-
-    cache.clear()
-    yield
-    cache.clear()
-
-
 @pytest.fixture
 def make_items():
     """Prompts with `responses` each: every response a rating item, every pair a comparison item."""

@@ -64,8 +64,9 @@ def test_https_behind_a_proxy_end_to_end(tmp_path):
 @pytest.mark.slow  # timings: meaningful only on a machine that is not busy with other work
 def test_raters_stay_fast_during_a_login_flood():
     """2 raters answer for 10 s; in the second half 8 threads send wrong-password logins (1,500 at most)."""
+    # 300 prompts: enough items that the raters are still answering in the second half (40 ran out)
     command = [sys.executable, "-m", "palm_rlhf.feedback.loadtest", "--raters", "2", "--seconds", "10",
-               "--prompts", "40", "--flood", "8", "--flood-attempts", "1500", "--json"]
+               "--prompts", "300", "--flood", "8", "--flood-attempts", "1500", "--json"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -74,3 +75,15 @@ def test_raters_stay_fast_during_a_login_flood():
     assert figures["flood_checked"] <= 10 and figures["flood_refused"] > 50
     # unthrottled, hashing held the server's threads and cores: 74 ms calm, 2,460 ms flooded (p50)
     assert figures["flooded_ms_p50"] < 4 * figures["calm_ms_p50"] + 100, figures
+
+
+@pytest.mark.slow  # timings: meaningful only on a machine that is not busy with other work
+def test_real_logins_get_in_during_a_flood_from_ten_addresses():
+    """Ten addresses with three threads each kept the hashing slots busy: no real login got in for 40 s."""
+    command = [sys.executable, "-m", "palm_rlhf.feedback.attack", "flood", "--addresses", "10", "--threads", "3",
+               "--seconds", "15"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    # the flood locks itself out within a few seconds; until then its queued first tries go ahead
+    assert figures["real_served"] >= figures["real_logins"] / 2 and figures["attacker_checked"] <= 30, figures
