@@ -41,12 +41,27 @@ def migrate() -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
-def check_item_options(args) -> None:
-    """One line, before anything is stored: one bin leaves no choice, and no rater would see an item."""
-    if getattr(args, "num_bins", 2) < 2:
-        sys.exit(f"--num-bins must be 2 or more, not {args.num_bins}")
-    if getattr(args, "overlap", 1) < 1:
-        sys.exit(f"--overlap must be 1 or more, not {args.overlap}")
+# The range of every number an option takes: one bin leaves no choice, no rater would see an item
+# of overlap 0, a port is 16 bits (70000 listened on 4464), no thread would answer with 0 threads;
+# the highest are what a column holds or more than anyone needs.
+BOUNDS = {
+    "num_bins": (2, 100),
+    "overlap": (1, 1000),
+    "samples": (1, 1000),
+    "seq_len": (2, 65536),
+    "temperature": (0, 100),
+    "port": (1, 65535),
+    "threads": (1, 1000),
+    "max_body_size": (1024, 2**30),
+}
+
+
+def check_options(args) -> None:
+    """One line, before anything is stored or served, for a number outside its range."""
+    for name, (least, most) in BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is not None and not least <= value <= most:  # NaN fails both comparisons
+            sys.exit(f"--{name.replace('_', '-')} must be from {least} to {most}, not {value}")
 
 
 def add_item_options(parser, sampling: bool) -> None:
@@ -70,6 +85,9 @@ def parse_args(argv):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=8, help="server worker threads")
+    serve.add_argument("--max-body-size", type=int, default=2**20, metavar="BYTES",
+                       help="refuse (413) a request whose body is this large or larger before reading it "
+                            "(default 1 MiB; waitress's own is 1 GiB, buffered to disk)")
     serve.add_argument("--origin", help="public address raters open, e.g. https://feedback.example.org "
                                         "(or PALM_RLHF_FEEDBACK_ORIGIN)")
     serve.add_argument("--behind-proxy", action="store_true",
@@ -103,7 +121,7 @@ def parse_args(argv):
     manage = commands.add_parser("manage", help="a Django management command")
     manage.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    check_item_options(args)
+    check_options(args)
     return args
 
 
@@ -135,6 +153,7 @@ def serve(args) -> None:
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     # waitress drops X-Forwarded-* headers unless told otherwise; behind a proxy, Django reads them
     waitress_serve(application, host=args.host, port=args.port, threads=args.threads, ident="palm-rlhf-feedback",
+                   max_request_body_size=args.max_body_size,
                    clear_untrusted_proxy_headers=not settings.FEEDBACK_BEHIND_PROXY)
 
 

@@ -72,13 +72,24 @@ def test_adduser_reads_a_password_file_and_refuses_a_duplicate(monkeypatch, djan
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["import", "in.jsonl", "--num-bins", "0"], "--num-bins must be 2 or more, not 0"),
-    (["import", "in.jsonl", "--num-bins", "-1"], "--num-bins must be 2 or more, not -1"),
-    (["serve", "--num-bins", "1"], "--num-bins must be 2 or more, not 1"),
-    (["generate", "--overlap", "0"], "--overlap must be 1 or more, not 0"),
-    (["import", "in.jsonl", "--overlap", "-3"], "--overlap must be 1 or more, not -3"),
+    (["import", "in.jsonl", "--num-bins", "0"], "--num-bins must be from 2 to 100, not 0"),
+    (["import", "in.jsonl", "--num-bins", "-1"], "--num-bins must be from 2 to 100, not -1"),
+    (["import", "in.jsonl", "--num-bins", "100000"], "--num-bins must be from 2 to 100, not 100000"),
+    (["serve", "--num-bins", "1"], "--num-bins must be from 2 to 100, not 1"),
+    (["generate", "--overlap", "0"], "--overlap must be from 1 to 1000, not 0"),
+    (["import", "in.jsonl", "--overlap", "-3"], "--overlap must be from 1 to 1000, not -3"),
+    (["import", "in.jsonl", "--overlap", "40000"], "--overlap must be from 1 to 1000, not 40000"),
+    (["generate", "--samples", "0"], "--samples must be from 1 to 1000, not 0"),
+    (["generate", "--seq-len", "1"], "--seq-len must be from 2 to 65536, not 1"),
+    (["generate", "--temperature", "nan"], "--temperature must be from 0 to 100, not nan"),
+    (["serve", "--temperature", "-1"], "--temperature must be from 0 to 100, not -1.0"),
+    # 0 threads accepted connections and never answered; port 70000 printed 70000 and listened on 4464
+    (["serve", "--threads", "0"], "--threads must be from 1 to 1000, not 0"),
+    (["serve", "--port", "70000"], "--port must be from 1 to 65535, not 70000"),
+    (["serve", "--port", "0"], "--port must be from 1 to 65535, not 0"),
+    (["serve", "--max-body-size", "10"], "--max-body-size must be from 1024 to 1073741824, not 10"),
 ])
-def test_bad_item_options_are_refused_in_one_line(argv, message):
+def test_options_out_of_range_are_refused_in_one_line(argv, message):
     assert exit_message(lambda: cli.parse_args(argv)) == message
 
 

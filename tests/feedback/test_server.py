@@ -2,6 +2,7 @@
 raters' answers during a flood of wrong-password logins (slow: run with -m slow)."""
 import http.client
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -31,34 +32,48 @@ def request(port: int, method: str, path: str, headers: dict, body: dict | None 
     return response.status, response.headers
 
 
-def test_https_behind_a_proxy_end_to_end(tmp_path):
-    """What nginx sends on (see the README), to `serve --origin https://... --behind-proxy`."""
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`serve --origin https://... --behind-proxy` with one account, ann, as nginx would reach it (see docs/feedback.md)."""
+    data = tmp_path_factory.mktemp("server") / "data"
     subprocess.run([sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(data), "adduser", "ann",
                     "--password-file", "-"], input="a-long-pass-phrase\n", cwd=REPO, check=True, capture_output=True,
                    text=True)
     port = free_port()
-    server = start_server(data, port, 4, "--origin", PUBLIC, "--behind-proxy")
-    try:
-        proxied = {"Host": "feedback.example.org", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
-        status, headers = request(port, "GET", "/login/", proxied)
-        assert status == 200 and headers["Strict-Transport-Security"] == "max-age=31536000"
-        cookies = SimpleCookie()
-        for line in headers.get_all("Set-Cookie"):
-            cookies.load(line)
-        assert cookies["csrftoken"]["secure"]
-        form = {"username": "ann", "password": "a-long-pass-phrase", "csrfmiddlewaretoken": cookies["csrftoken"].value}
-        status, headers = request(port, "POST", "/login/", {**proxied, "Origin": PUBLIC,
-                                                             "Cookie": f"csrftoken={cookies['csrftoken'].value}"}, form)
-        assert status == 302 and headers["Location"] == "/"
-        assert "; Secure" in next(line for line in headers.get_all("Set-Cookie") if line.startswith("sessionid="))
-        # while the server runs, SQLite's -wal and -shm exist beside the database, private like it
-        modes = {name: oct(stat.S_IMODE((data / name).stat().st_mode)) for name in ("db.sqlite3", "db.sqlite3-wal",
-                                                                                  "db.sqlite3-shm")}
-        assert set(modes.values()) == {"0o600"} and oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    process = start_server(data, port, 4, "--origin", PUBLIC, "--behind-proxy")
+    yield port, data
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_https_behind_a_proxy_end_to_end(server):
+    port, data = server
+    proxied = {"Host": "feedback.example.org", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    status, headers = request(port, "GET", "/login/", proxied)
+    assert status == 200 and headers["Strict-Transport-Security"] == "max-age=31536000"
+    cookies = SimpleCookie()
+    for line in headers.get_all("Set-Cookie"):
+        cookies.load(line)
+    assert cookies["csrftoken"]["secure"]
+    form = {"username": "ann", "password": "a-long-pass-phrase", "csrfmiddlewaretoken": cookies["csrftoken"].value}
+    status, headers = request(port, "POST", "/login/", {**proxied, "Origin": PUBLIC,
+                                                         "Cookie": f"csrftoken={cookies['csrftoken'].value}"}, form)
+    assert status == 302 and headers["Location"] == "/"
+    assert "; Secure" in next(line for line in headers.get_all("Set-Cookie") if line.startswith("sessionid="))
+    # while the server runs, SQLite's -wal and -shm exist beside the database, private like it
+    modes = {name: oct(stat.S_IMODE((data / name).stat().st_mode)) for name in ("db.sqlite3", "db.sqlite3-wal",
+                                                                              "db.sqlite3-shm")}
+    assert set(modes.values()) == {"0o600"} and oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"
+
+
+def test_a_large_body_is_refused_before_it_is_read(server):
+    """waitress's own limit is 1 GiB: an anonymous 400 MB POST /login/ was buffered to a 415 MB file first."""
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"POST /login/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 400000000\r\n"
+                           b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + b"x" * 1000)
+        answer = connection.recv(200)  # at once: the server does not wait for the other 399,999,000 bytes
+    assert answer.startswith(b"HTTP/1.1 413 ")
 
 
 @pytest.mark.slow  # timings: meaningful only on a machine that is not busy with other work
