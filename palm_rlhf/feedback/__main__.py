@@ -135,6 +135,16 @@ def start_sampling(args, background: bool) -> None:
                          args.seq_len, args.temperature, background=background)
 
 
+def import_file(path: str, args) -> None:
+    from .tasks import import_jsonl
+
+    print(f"imported {import_jsonl(path, args.num_bins, args.overlap)} items")
+
+
+def generate(args) -> None:
+    start_sampling(args, background=False)
+
+
 def serve(args) -> None:
     try:
         from waitress import serve as waitress_serve
@@ -142,11 +152,10 @@ def serve(args) -> None:
         sys.exit("serve needs waitress: pip install 'palm-rlhf[feedback]'")
     from django.conf import settings
 
-    from .tasks import import_jsonl
     from .wsgi import application
 
     if args.import_file:
-        print(f"imported {import_jsonl(args.import_file, args.num_bins, args.overlap)} items")
+        import_file(args.import_file, args)
     start_sampling(args, background=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: waitress should sit behind a reverse proxy (nginx, Caddy) on 127.0.0.1: see the README")
@@ -229,16 +238,14 @@ def main(argv=None) -> None:
         execute_from_command_line(["palm-rlhf-feedback manage", *args.args])
         return
     migrate()
-    if args.command == "serve":
-        serve(args)
-    elif args.command == "import":
-        from .tasks import import_jsonl
+    from .export import BadFile
 
-        print(f"imported {import_jsonl(args.file, args.num_bins, args.overlap)} items")
-    elif args.command == "generate":
-        start_sampling(args, background=False)
-    else:
-        {"adduser": adduser, "invite": invite, "export": export}[args.command](args)
+    commands = {"serve": serve, "import": lambda args: import_file(args.file, args), "generate": generate,
+                "adduser": adduser, "invite": invite, "export": export}
+    try:
+        commands[args.command](args)
+    except BadFile as error:  # which file and line is wrong, instead of a traceback
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

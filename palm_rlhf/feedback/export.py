@@ -12,6 +12,7 @@ from .models import Answer, Item
 
 RATING_KEYS = {"prompt", "response", "rating"}
 PAIR_KEYS = {"prompt", "chosen", "rejected"}
+TEXT_KEYS = {"prompt", "response", "chosen", "rejected"}
 
 
 def answered(kind: str):
@@ -45,21 +46,45 @@ def write_jsonl(records, path) -> int:
     return len(lines)
 
 
+class BadFile(ValueError):
+    """A file that cannot be read as asked; the message names the file and line, on one line."""
+
+
 def numbered_lines(path):
-    """(line number, line) for each non-blank line. Lines end at "\n" only: str.splitlines would also
-    cut at U+2028, U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    """(line number, line) for each non-blank line of a UTF-8 file (a byte-order mark is dropped).
+    Lines end at "\n" only: str.splitlines would also cut at U+2028, U+2029 and U+0085, which
+    json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    try:
+        file = open(path, "rb")
+    except OSError as error:
+        raise BadFile(f"{path}: {error.strerror}") from None
+    with file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise BadFile(f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line)") from None
             if line.strip():
                 yield number, line
 
 
+def json_objects(path):
+    """(line number, object) for each non-blank line of a JSONL file."""
+    for number, line in numbered_lines(path):
+        try:
+            record = json.loads(line.rstrip("\r\n"))  # else an error at the end points past the line
+        except json.JSONDecodeError as error:
+            raise BadFile(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise BadFile(f"{path}:{number}: each line must be a JSON object {{...}}, not {line.strip()[:40]}")
+        yield number, record
+
+
 def _read(path, keys: set, check) -> list[dict]:
     records = []
-    for number, line in numbered_lines(path):
-        record = json.loads(line)
-        if set(record) != keys or not all(isinstance(record[k], str) for k in keys - {"rating"}) or not check(record):
-            raise ValueError(f"{path}:{number}: not a valid record: {line[:120]}")
+    for number, record in json_objects(path):
+        if set(record) != keys or not all(isinstance(record[k], str) for k in keys & TEXT_KEYS) or not check(record):
+            raise BadFile(f"{path}:{number}: not a valid record: {json.dumps(record)[:120]}")
         records.append(record)
     return records
 

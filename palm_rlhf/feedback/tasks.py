@@ -13,27 +13,51 @@ import threading
 
 from django.db import connection, transaction
 
-from .export import numbered_lines
+from .export import BadFile, json_objects, numbered_lines
 from .models import GenerationJob, Item, Prompt, Response, content_key
+
+
+def checked_text(where: str, name: str, value) -> str:
+    """A prompt or response as the database and a rater can take it, or one line saying why not."""
+    if not isinstance(value, str):
+        raise BadFile(f"{where}: {name} must be a string, not {json.dumps(value)[:40]}")
+    if not value.strip():
+        raise BadFile(f"{where}: {name} is empty")
+    if "\0" in value:  # PostgreSQL cannot store it
+        raise BadFile(f"{where}: {name} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800" escapes decode to a lone surrogate, which no encoding holds
+        raise BadFile(f"{where}: {name} holds a lone surrogate (an unpaired \\ud800-\\udfff escape)") from None
+    return value
 
 
 def read_prompts(path) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per non-empty line)."""
-    lines = [line.rstrip("\r\n") for _, line in numbered_lines(path)]
     if str(path).endswith(".jsonl"):
-        return [json.loads(line)["prompt"] for line in lines]
-    return lines
+        return [checked_text(f"{path}:{number}", "'prompt'", record.get("prompt"))
+                for number, record in json_objects(path)]
+    return [checked_text(f"{path}:{number}", "the prompt", line.rstrip("\r\n"))
+            for number, line in numbered_lines(path)]
 
 
 def read_responses(path) -> dict[str, list[str]]:
-    """Responses grouped by prompt, from lines {"prompt", "response"} or {"prompt", "responses": [...]}."""
+    """Responses grouped by prompt, from lines {"prompt", "response"} or {"prompt", "responses": [...]};
+    every line is checked before any is used, so a bad one stops the whole file."""
     grouped: dict[str, list[str]] = {}
-    for number, line in numbered_lines(path):
-        record = json.loads(line)
-        texts = record["responses"] if "responses" in record else [record.get("response")]
-        if not isinstance(record.get("prompt"), str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"{path}:{number}: need a string 'prompt' and 'response' (or a list 'responses')")
-        grouped.setdefault(record["prompt"], []).extend(texts)
+    for number, record in json_objects(path):
+        where = f"{path}:{number}"
+        if ("response" in record) == ("responses" in record):
+            raise BadFile(f"{where}: give 'response' (a string) or 'responses' (a list of strings), one of them")
+        prompt = checked_text(where, "'prompt'", record.get("prompt"))
+        if "response" in record:
+            texts = [checked_text(where, "'response'", record["response"])]
+        elif isinstance(record["responses"], list) and record["responses"]:
+            texts = [checked_text(where, f"'responses'[{i}]", text) for i, text in enumerate(record["responses"])]
+        else:  # a string here was taken for a list of its characters
+            raise BadFile(f"{where}: 'responses' must be a non-empty list of strings, "
+                          f"not {json.dumps(record['responses'])[:40]}")
+        grouped.setdefault(prompt, []).extend(texts)
     return grouped
 
 
@@ -61,10 +85,11 @@ def add_responses(prompt_text: str, texts: list[str], source: str, num_bins: int
 
 
 def import_jsonl(path, num_bins: int = 5, overlap: int = 1) -> int:
-    return sum(
-        add_responses(prompt, texts, source=str(path), num_bins=num_bins, overlap=overlap)
-        for prompt, texts in read_responses(path).items()
-    )
+    """Import a whole file or, when any line is bad or the database fails, nothing of it."""
+    grouped = read_responses(path)
+    with transaction.atomic():
+        return sum(add_responses(prompt, texts, source=str(path), num_bins=num_bins, overlap=overlap)
+                   for prompt, texts in grouped.items())
 
 
 def sample_responses(palm, prompt: str, num_samples: int, seq_len: int, temperature: float) -> list[str]:
@@ -83,13 +108,12 @@ def sample_responses(palm, prompt: str, num_samples: int, seq_len: int, temperat
     return [tokenizer.decode(row) for row in tokens]  # tokens: (num_samples, seq_len - len(ids))
 
 
-def run_generation(job: GenerationJob, num_bins: int, overlap: int, seq_len: int, temperature: float) -> None:
-    """Sample every prompt of the job's file, recording progress on the job row as it goes."""
-    from palm_rlhf.palm import PaLM
+def run_generation(job: GenerationJob, prompts: list[str], num_bins: int, overlap: int, seq_len: int,
+                   temperature: float) -> None:
+    """Sample every prompt, recording progress on the job row as it goes."""
+    from palm_rlhf import PaLM
 
     try:
-        prompts = read_prompts(job.prompts_file)
-        GenerationJob.objects.filter(pk=job.pk).update(total=len(prompts))
         palm = PaLM.from_pretrained(job.checkpoint).eval()
         for done, prompt in enumerate(prompts, start=1):
             have = Response.objects.filter(prompt__text=prompt, source=job.checkpoint).count()
@@ -113,10 +137,10 @@ def _generate_in_thread(*args) -> None:
 
 def start_generation(checkpoint, prompts_file, samples: int, num_bins: int, overlap: int,
                      seq_len: int, temperature: float, background: bool = True) -> GenerationJob:
-    job = GenerationJob.objects.create(
-        checkpoint=str(checkpoint), prompts_file=str(prompts_file), samples_per_prompt=samples
-    )
-    args = (job, num_bins, overlap, seq_len, temperature)
+    prompts = read_prompts(prompts_file)  # a bad line stops it here, in one line, not later in a thread
+    job = GenerationJob.objects.create(checkpoint=str(checkpoint), prompts_file=str(prompts_file),
+                                       samples_per_prompt=samples, total=len(prompts))
+    args = (job, prompts, num_bins, overlap, seq_len, temperature)
     if background:
         threading.Thread(target=_generate_in_thread, args=args, daemon=True, name="feedback-generation").start()
     else:

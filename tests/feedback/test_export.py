@@ -12,9 +12,12 @@ pytest.importorskip("django", reason="the feedback app needs: pip install 'palm-
 pytest.importorskip("pytest_django", reason="the feedback tests need pytest-django")
 
 from palm_rlhf import data  # noqa: E402
-from palm_rlhf.feedback.export import pair_records, rating_records, read_pairs, read_ratings, write_jsonl  # noqa: E402
-from palm_rlhf.feedback.models import Item, Response  # noqa: E402
-from palm_rlhf.feedback.tasks import import_jsonl, read_prompts, read_responses  # noqa: E402
+from palm_rlhf.feedback import tasks  # noqa: E402
+from palm_rlhf.feedback.export import (  # noqa: E402
+    BadFile, pair_records, rating_records, read_pairs, read_ratings, write_jsonl)
+from palm_rlhf.feedback.models import GenerationJob, Item, Prompt, Response  # noqa: E402
+from palm_rlhf.feedback.tasks import (  # noqa: E402
+    add_responses, import_jsonl, read_prompts, read_responses, start_generation)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
@@ -85,6 +88,70 @@ def test_import_jsonl_both_shapes(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "response": 3}) + "\n")
     with pytest.raises(ValueError, match="in.jsonl:1"):
         read_responses(path)
+
+
+GOOD_LINE = b'{"prompt": "first", "responses": ["one", "two"]}\n'
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"prompt": "p", "responses": "abc"}', "'responses' must be a non-empty list of strings, not \"abc\""),
+    (b'{"prompt": "p", "responses": []}', "'responses' must be a non-empty list of strings, not []"),
+    (b'{"prompt": "p", "responses": ["ok", 1]}', "'responses'[1] must be a string, not 1"),
+    (b'{"prompt": "p", "response": "r", "responses": ["s"]}', "give 'response' (a string) or 'responses'"),
+    (b'{"prompt": "p"}', "give 'response' (a string) or 'responses'"),
+    (b'{"response": "r"}', "'prompt' must be a string, not null"),
+    (b'[1, 2]', "each line must be a JSON object {...}, not [1, 2]"),
+    (b'5', "each line must be a JSON object {...}, not 5"),
+    (b'"\\ud800"', "each line must be a JSON object"),
+    (b'{"prompt": "p", "response": "\\ud800"}', "'response' holds a lone surrogate"),
+    (b'{"prompt": "p", "response": "a\\u0000b"}', "'response' holds a NUL character"),
+    (b'{"prompt": "", "response": "r"}', "'prompt' is empty"),
+    (b'{"prompt": "p", "response": " \\n "}', "'response' is empty"),
+    (b'{"prompt": "p", "response": "caf\xe9"}', "not valid UTF-8 (byte 33 of the line)"),
+    (b'{"prompt": "p", "response": ', "not valid JSON (Expecting value, column 29)"),
+])
+def test_a_bad_line_is_named_and_nothing_of_the_file_is_imported(tmp_path, line, message):
+    """Each of these imported garbage, crashed with a traceback, or left the lines before it imported."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(GOOD_LINE + line + b"\n")
+    with pytest.raises(BadFile) as error:
+        import_jsonl(path)
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value) and "\n" not in str(error.value)
+    assert not Prompt.objects.exists()
+
+
+def test_a_failure_while_storing_leaves_nothing_stored(tmp_path, monkeypatch):
+    (tmp_path / "in.jsonl").write_bytes(GOOD_LINE + b'{"prompt": "second", "response": "three"}\n')
+    calls = []
+
+    def add_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("the database went away")
+        return add_responses(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "add_responses", add_then_fail)
+    with pytest.raises(RuntimeError):
+        import_jsonl(tmp_path / "in.jsonl")
+    assert not Prompt.objects.exists()
+
+
+def test_bad_prompt_files_are_named_before_any_sampling(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    with pytest.raises(BadFile, match=r"p.jsonl:2: 'prompt' must be a string, not null"):
+        start_generation("no-checkpoint", tmp_path / "p.jsonl", 1, 5, 1, 16, 1.0, background=False)
+    (tmp_path / "p.txt").write_bytes(b"fine\n\xff\n")
+    with pytest.raises(BadFile, match=r"p.txt:2: not valid UTF-8"):
+        read_prompts(tmp_path / "p.txt")
+    assert not GenerationJob.objects.exists()
+
+
+def test_cli_import_names_the_bad_line_in_one_line(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(GOOD_LINE + b"[1, 2]\n")
+    done = subprocess.run([sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(tmp_path / "data"), "import",
+                           str(tmp_path / "in.jsonl")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"{tmp_path / 'in.jsonl'}:2: each line must be a JSON object {{...}}, not [1, 2]\n"
 
 
 def test_import_twice_adds_nothing_and_never_pairs_a_response_with_itself(tmp_path):

@@ -8,7 +8,7 @@ import torch  # noqa: E402
 
 from palm_rlhf.feedback.models import GenerationJob, Item, Response  # noqa: E402
 from palm_rlhf.feedback.tasks import sample_responses, start_generation  # noqa: E402
-from palm_rlhf.palm import PaLM, PaLMConfig  # noqa: E402
+from palm_rlhf import PaLM, PaLMConfig  # noqa: E402
 
 
 @pytest.fixture
