@@ -139,12 +139,13 @@ def judge(request, kind: str):
 def parse_answer(item: Item, data) -> dict:
     if item.kind == Item.RATE:
         raw = data.get("rating", "")
-        if not (raw.isdecimal() and 1 <= int(raw) <= item.num_bins):
-            raise ValueError(f"A rating must be a whole number from 1 to {item.num_bins}, not {raw!r}.")
+        # compared as text: int() of 5000 digits raises Python's own "Exceeds the limit" message
+        if raw not in [str(k) for k in range(1, item.num_bins + 1)]:
+            raise ValueError(f"A rating must be a whole number from 1 to {item.num_bins}, not {raw[:20]!r}.")
         return {"rating": int(raw)}
     choice = data.get("choice", "")
     if choice not in dict(Answer.CHOICES):
-        raise ValueError(f"A choice must be one of {', '.join(dict(Answer.CHOICES))}, not {choice!r}.")
+        raise ValueError(f"A choice must be one of {', '.join(dict(Answer.CHOICES))}, not {choice[:20]!r}.")
     return {"choice": choice}
 
 
