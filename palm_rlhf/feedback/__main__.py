@@ -125,12 +125,27 @@ def parse_args(argv):
     return args
 
 
+def note_options(kept: int, source: str, args) -> None:
+    """Say so when options are not applied: items already stored keep their own, and scales may mix."""
+    from .tasks import rating_scales
+
+    if kept:
+        print(f"note: {kept} items from {source} were stored before with another --overlap or --num-bins and "
+              f"keep theirs; --overlap {args.overlap} --num-bins {args.num_bins} apply to new items only")
+    if len(scales := rating_scales()) > 1:
+        print(f"note: the rating items use {len(scales)} scales ({', '.join(f'1..{k}' for k in scales)}); "
+              "each exported rating carries its num_bins")
+
+
 def start_sampling(args, background: bool) -> None:
-    from .tasks import start_generation
+    from .models import Item
+    from .tasks import other_options, start_generation
 
     if bool(args.checkpoint) != bool(args.prompts):
         sys.exit("--checkpoint and --prompts go together")
     if args.checkpoint:
+        sampled = Item.objects.filter(first__source=str(args.checkpoint))  # kept: sampling skips what it has
+        note_options(sampled.filter(other_options(args.num_bins, args.overlap)).count(), args.checkpoint, args)
         start_generation(args.checkpoint, args.prompts, args.samples, args.num_bins, args.overlap,
                          args.seq_len, args.temperature, background=background)
 
@@ -138,7 +153,9 @@ def start_sampling(args, background: bool) -> None:
 def import_file(path: str, args) -> None:
     from .tasks import import_jsonl
 
-    print(f"imported {import_jsonl(path, args.num_bins, args.overlap)} items")
+    imported = import_jsonl(path, args.num_bins, args.overlap)
+    print(f"imported {imported.made} items")
+    note_options(imported.kept, path, args)
 
 
 def generate(args) -> None:

@@ -15,5 +15,5 @@ class ItemAdmin(admin.ModelAdmin):
 
 @admin.register(Answer)
 class AnswerAdmin(admin.ModelAdmin):
-    list_display = ("item", "rater", "rating", "choice", "answered_at")
+    list_display = ("item", "rater", "rating", "num_bins", "choice", "answered_at")
     list_filter = ("rater",)

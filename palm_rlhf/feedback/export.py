@@ -1,7 +1,9 @@
 """Answers out as the JSONL that train_reward.py (ratings) and DPO (pairs) read, and strict readers.
 
-ratings: {"prompt": str, "response": str, "rating": int in 1..K}, one line per rater's answer, so an
-         item judged by three raters gives three lines (the reward model sees their disagreement).
+ratings: {"prompt": str, "response": str, "rating": int in 1..K, "num_bins": K}, one line per rater's
+         answer, so an item judged by three raters gives three lines (the reward model sees their
+         disagreement); K is the scale the rater saw, as files imported with different --num-bins
+         put ratings of several scales in one database.
 pairs:   {"prompt": str, "chosen": str, "rejected": str}; ties and skips carry no preference and
          are left out.
 """
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from .models import Answer, Item
 
-RATING_KEYS = {"prompt", "response", "rating"}
+RATING_KEYS = {"prompt", "response", "rating", "num_bins"}
 PAIR_KEYS = {"prompt", "chosen", "rejected"}
 TEXT_KEYS = {"prompt", "response", "chosen", "rejected"}
 
@@ -25,7 +27,8 @@ def answered(kind: str):
 
 def rating_records():
     for answer in answered(Item.RATE):
-        yield {"prompt": answer.item.prompt.text, "response": answer.item.first.text, "rating": answer.rating}
+        yield {"prompt": answer.item.prompt.text, "response": answer.item.first.text, "rating": answer.rating,
+               "num_bins": answer.num_bins}
 
 
 def pair_records():
@@ -89,11 +92,12 @@ def _read(path, keys: set, check) -> list[dict]:
     return records
 
 
-def read_ratings(path, num_bins: int) -> list[dict]:
-    def in_range(r):
-        return type(r["rating"]) is int and 1 <= r["rating"] <= num_bins
+def read_ratings(path) -> list[dict]:
+    def on_its_scale(r):
+        return type(r["num_bins"]) is int and r["num_bins"] >= 2 and type(r["rating"]) is int \
+            and 1 <= r["rating"] <= r["num_bins"]
 
-    return _read(path, RATING_KEYS, in_range)
+    return _read(path, RATING_KEYS, on_its_scale)
 
 
 def read_pairs(path) -> list[dict]:

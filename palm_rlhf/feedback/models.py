@@ -60,6 +60,9 @@ class Answer(models.Model):
     assigned_at = models.DateTimeField(auto_now_add=True)
     answered_at = models.DateTimeField(null=True, blank=True, db_index=True)
     rating = models.PositiveSmallIntegerField(null=True, blank=True)
+    # the scale the rating was given on, copied from the item when answered: a rating of 5 means
+    # nothing without it, and files imported with different --num-bins mix scales in one database
+    num_bins = models.PositiveSmallIntegerField(null=True, blank=True, help_text="the rating is on 1..num_bins")
     choice = models.CharField(max_length=4, choices=CHOICES, blank=True)
 
     class Meta:

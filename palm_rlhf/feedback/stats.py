@@ -67,10 +67,11 @@ def rater_counts() -> list[dict]:
     ]
 
 
-def rating_histogram() -> list[dict]:
-    num_bins = max(Item.objects.filter(kind=Item.RATE).values_list("num_bins", flat=True), default=5)
-    counts = Counter(Answer.objects.filter(rating__isnull=False).values_list("rating", flat=True))
-    return bars([(str(k), counts[k]) for k in range(1, num_bins + 1)])
+def rating_histograms() -> list[dict]:
+    """One histogram per scale the ratings were given on (a 5 of 5 is not a 5 of 10)."""
+    counts = Counter(Answer.objects.filter(rating__isnull=False).values_list("num_bins", "rating"))
+    return [{"num_bins": k, "bars": bars([(str(r), counts[k, r]) for r in range(1, k + 1)])}
+            for k in sorted({k for k, _ in counts})]
 
 
 def choice_counts() -> list[dict]:

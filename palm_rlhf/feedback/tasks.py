@@ -10,8 +10,10 @@ import itertools
 import json
 import random
 import threading
+from dataclasses import dataclass
 
 from django.db import connection, transaction
+from django.db.models import Q
 
 from .export import BadFile, json_objects, numbered_lines
 from .models import GenerationJob, Item, Prompt, Response, content_key
@@ -84,12 +86,37 @@ def add_responses(prompt_text: str, texts: list[str], source: str, num_bins: int
     return len(items)
 
 
-def import_jsonl(path, num_bins: int = 5, overlap: int = 1) -> int:
+def other_options(num_bins: int, overlap: int) -> Q:
+    """Items whose options are not these: another overlap or, for rating items, another scale."""
+    return ~Q(overlap=overlap) | Q(kind=Item.RATE) & ~Q(num_bins=num_bins)
+
+
+def kept_items(prompt_text: str, texts: list[str], num_bins: int, overlap: int) -> int:
+    """How many items of these responses were stored before with other options, which they keep."""
+    keys = {content_key(prompt_text, text) for text in texts}
+    theirs = Item.objects.filter(first__key__in=keys).filter(Q(second__isnull=True) | Q(second__key__in=keys))
+    return theirs.filter(other_options(num_bins, overlap)).count()
+
+
+@dataclass
+class Imported:
+    made: int  # items made now, with the options given
+    kept: int  # items of the file's responses stored before with other options: they keep theirs
+
+
+def import_jsonl(path, num_bins: int = 5, overlap: int = 1) -> Imported:
     """Import a whole file or, when any line is bad or the database fails, nothing of it."""
     grouped = read_responses(path)
     with transaction.atomic():
-        return sum(add_responses(prompt, texts, source=str(path), num_bins=num_bins, overlap=overlap)
+        kept = sum(kept_items(prompt, texts, num_bins, overlap) for prompt, texts in grouped.items())
+        made = sum(add_responses(prompt, texts, source=str(path), num_bins=num_bins, overlap=overlap)
                    for prompt, texts in grouped.items())
+    return Imported(made, kept)
+
+
+def rating_scales() -> list[int]:
+    """The K of every 1..K scale the rating items use."""
+    return sorted(set(Item.objects.filter(kind=Item.RATE).values_list("num_bins", flat=True)))
 
 
 def sample_responses(palm, prompt: str, num_samples: int, seq_len: int, temperature: float) -> list[str]:

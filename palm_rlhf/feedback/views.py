@@ -137,12 +137,13 @@ def judge(request, kind: str):
 
 
 def parse_answer(item: Item, data) -> dict:
+    """The fields an answer stores: a rating with its scale, or a choice."""
     if item.kind == Item.RATE:
         raw = data.get("rating", "")
         # compared as text: int() of 5000 digits raises Python's own "Exceeds the limit" message
         if raw not in [str(k) for k in range(1, item.num_bins + 1)]:
             raise ValueError(f"A rating must be a whole number from 1 to {item.num_bins}, not {raw[:20]!r}.")
-        return {"rating": int(raw)}
+        return {"rating": int(raw), "num_bins": item.num_bins}
     choice = data.get("choice", "")
     if choice not in dict(Answer.CHOICES):
         raise ValueError(f"A choice must be one of {', '.join(dict(Answer.CHOICES))}, not {choice[:20]!r}.")
@@ -194,7 +195,7 @@ def stats_page(request):
     context = {
         "progress": stats.progress(),
         "raters": stats.rater_counts(),
-        "histogram": stats.rating_histogram(),
+        "histograms": stats.rating_histograms(),
         "choices": stats.choice_counts(),
         "agreement": stats.agreement(),
     }

@@ -1,4 +1,5 @@
 """Export round trips: answers in the database -> JSONL -> the readers train_reward.py and DPO use."""
+import argparse
 import json
 import re
 import stat
@@ -12,12 +13,13 @@ pytest.importorskip("django", reason="the feedback app needs: pip install 'palm-
 pytest.importorskip("pytest_django", reason="the feedback tests need pytest-django")
 
 from palm_rlhf import data  # noqa: E402
+from palm_rlhf.feedback import __main__ as cli  # noqa: E402
 from palm_rlhf.feedback import tasks  # noqa: E402
 from palm_rlhf.feedback.export import (  # noqa: E402
     BadFile, pair_records, rating_records, read_pairs, read_ratings, write_jsonl)
 from palm_rlhf.feedback.models import GenerationJob, Item, Prompt, Response  # noqa: E402
 from palm_rlhf.feedback.tasks import (  # noqa: E402
-    add_responses, import_jsonl, read_prompts, read_responses, start_generation)
+    Imported, add_responses, import_jsonl, rating_scales, read_prompts, read_responses, start_generation)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
@@ -42,7 +44,7 @@ def test_export_round_trip(client_for, make_items, tmp_path):
     boss = client_for("boss", staff=True)
     downloaded = tmp_path / "ratings.jsonl"
     downloaded.write_bytes(b"".join(boss.get("/export/ratings.jsonl").streaming_content))
-    ratings = read_ratings(downloaded, num_bins=5)
+    ratings = read_ratings(downloaded)
     assert sorted(r["rating"] for r in ratings) == [1, 1, 3, 3, 5, 5]
     assert all(re.fullmatch(r"response (\d)\.\d", r["response"]).group(1) == r["prompt"][-1] for r in ratings)
     assert data.read_ratings(downloaded) == ratings  # the project's own reader agrees
@@ -65,14 +67,48 @@ def test_pairs_follow_the_choice(client_for, make_items):
 
 def test_readers_reject_bad_records(tmp_path):
     path = tmp_path / "bad.jsonl"
-    for line in ['{"prompt": "p", "response": "r", "rating": 6}', '{"prompt": "p", "response": "r", "rating": "3"}',
-                 '{"prompt": "p", "response": "r"}', '{"prompt": "p", "response": "r", "rating": 2, "extra": 1}']:
+    for line in ['{"prompt": "p", "response": "r", "rating": 6, "num_bins": 5}',
+                 '{"prompt": "p", "response": "r", "rating": "3", "num_bins": 5}',
+                 '{"prompt": "p", "response": "r", "rating": 1, "num_bins": 1}',
+                 '{"prompt": "p", "response": "r", "rating": 3}',
+                 '{"prompt": "p", "response": "r", "rating": 2, "num_bins": 5, "extra": 1}']:
         path.write_text(line + "\n")
         with pytest.raises(ValueError):
-            read_ratings(path, num_bins=5)
+            read_ratings(path)
     path.write_text('{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(ValueError):
         read_pairs(path)
+
+
+def test_each_rating_keeps_and_exports_its_scale(client_for, tmp_path):
+    """Files imported with --num-bins 5 and 10 exported "rating": 5 beside "rating": 10, no scale said."""
+    (tmp_path / "five.jsonl").write_text('{"prompt": "p", "response": "on five"}\n')
+    (tmp_path / "ten.jsonl").write_text('{"prompt": "q", "response": "on ten"}\n')
+    import_jsonl(tmp_path / "five.jsonl", num_bins=5)
+    import_jsonl(tmp_path / "ten.jsonl", num_bins=10)
+    assert rating_scales() == [5, 10]
+    ann = client_for("ann")
+    answer_all(ann, "/rate/", ["5"])
+    Item.objects.update(num_bins=3)  # an item edited in the admin later: the answers keep the scale they had
+    write_jsonl(rating_records(), tmp_path / "ratings.jsonl")
+    ratings = sorted(read_ratings(tmp_path / "ratings.jsonl"), key=lambda r: r["num_bins"])
+    assert [(r["response"], r["rating"], r["num_bins"]) for r in ratings] == [("on five", 5, 5), ("on ten", 5, 10)]
+    html = client_for("boss", staff=True).get("/stats/").content.decode()
+    assert "on 1..5" in html and "on 1..10" in html
+
+
+def test_import_says_which_stored_items_keep_other_options(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "p", "responses": ["x", "y"]}\n')
+    assert import_jsonl(tmp_path / "in.jsonl", overlap=1) == Imported(made=3, kept=0)
+    (tmp_path / "more.jsonl").write_text('{"prompt": "p", "responses": ["x", "y", "z"]}\n')
+    assert import_jsonl(tmp_path / "more.jsonl", overlap=3) == Imported(made=1 + 2, kept=3)
+    assert import_jsonl(tmp_path / "more.jsonl", overlap=3) == Imported(made=0, kept=3)
+    assert import_jsonl(tmp_path / "more.jsonl", num_bins=7, overlap=3) == Imported(made=0, kept=3 + 1)  # x, y; z
+    args = argparse.Namespace(overlap=3, num_bins=7)
+    cli.note_options(4, "more.jsonl", args)
+    out = capsys.readouterr().out
+    assert out == ("note: 4 items from more.jsonl were stored before with another --overlap or --num-bins and "
+                   "keep theirs; --overlap 3 --num-bins 7 apply to new items only\n")
 
 
 def test_import_jsonl_both_shapes(tmp_path):
@@ -83,7 +119,7 @@ def test_import_jsonl_both_shapes(tmp_path):
         + json.dumps({"prompt": "q", "response": "ü"}) + "\n", encoding="utf-8"
     )
     assert read_responses(path) == {"p": ["one", "two", "three"], "q": ["ü"]}
-    assert import_jsonl(path, num_bins=3, overlap=2) == (3 + 3) + 1  # p: 3 ratings + 3 pairs; q: 1 rating
+    assert import_jsonl(path, num_bins=3, overlap=2).made == (3 + 3) + 1  # p: 3 ratings + 3 pairs; q: 1 rating
     assert list(rating_records()) == []  # nothing answered yet, nothing exported
     path.write_text(json.dumps({"prompt": "p", "response": 3}) + "\n")
     with pytest.raises(ValueError, match="in.jsonl:1"):
@@ -158,10 +194,10 @@ def test_import_twice_adds_nothing_and_never_pairs_a_response_with_itself(tmp_pa
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"prompt": "p", "responses": ["one", "two", "one"]}) + "\n"
                     + json.dumps({"prompt": "p", "response": "two"}) + "\n")
-    assert import_jsonl(path) == 2 + 1  # "one" and "two" rated, one pair
-    assert import_jsonl(path) == 0
+    assert import_jsonl(path).made == 2 + 1  # "one" and "two" rated, one pair
+    assert import_jsonl(path).made == 0
     (tmp_path / "more.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["two", "three"]}) + "\n")
-    assert import_jsonl(tmp_path / "more.jsonl") == 1 + 2  # only "three" is new: rated, and paired with both
+    assert import_jsonl(tmp_path / "more.jsonl").made == 1 + 2  # only "three" is new: rated, and paired with both
     assert sorted(Response.objects.values_list("text", flat=True)) == ["one", "three", "two"]
     pairs = Item.objects.filter(kind=Item.COMPARE).values_list("first__text", "second__text")
     assert sorted(tuple(sorted(pair)) for pair in pairs) == [("one", "three"), ("one", "two"), ("three", "two")]
@@ -186,14 +222,14 @@ def test_jsonl_round_trips_unicode_line_separators(client_for, tmp_path):
     assert write_jsonl(rating_records(), tmp_path / "ratings.jsonl") == 3
     assert write_jsonl(pair_records(), tmp_path / "pairs.jsonl") == 1
     assert "\u2028" in (tmp_path / "ratings.jsonl").read_text(encoding="utf-8")  # raw, as the exporter writes it
-    ratings = read_ratings(tmp_path / "ratings.jsonl", num_bins=5)
+    ratings = read_ratings(tmp_path / "ratings.jsonl")
     assert sorted(r["response"] for r in ratings) == sorted([SEPARATORS, "plain", "x\u2029y"])
     assert read_pairs(tmp_path / "pairs.jsonl")[0]["prompt"] == "p\u2028q"
     assert data.read_ratings(tmp_path / "ratings.jsonl") == ratings
     (tmp_path / "again.jsonl").write_text(  # the exporter's output, imported back: all known already
         "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}, ensure_ascii=False) + "\n"
                 for r in ratings), encoding="utf-8")
-    assert import_jsonl(tmp_path / "again.jsonl") == 0
+    assert import_jsonl(tmp_path / "again.jsonl").made == 0
 
 
 def test_read_prompts(tmp_path):
@@ -209,7 +245,9 @@ def test_cli_import_rate_export(tmp_path):
     cli = [sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", str(tmp_path / "data")]
     run = lambda *args, input=None: subprocess.run(  # noqa: E731
         [*cli, *args], cwd=REPO, input=input, capture_output=True, text=True, check=True).stdout
-    assert "imported 3 items" in run("import", str(tmp_path / "in.jsonl"))
+    assert run("import", str(tmp_path / "in.jsonl")) == "imported 3 items\n"
+    again = run("import", str(tmp_path / "in.jsonl"), "--overlap", "3")  # said nothing of the overlap not applied
+    assert again.startswith("imported 0 items\nnote: 3 items from ") and "--overlap 3" in again
     assert "created rater ann" in run("adduser", "ann", "--password-file", "-", input="a-long-pass-phrase\n")
     assert "/invite/" in run("invite", "--base-url", "http://example.org")
     out = run("export", "--ratings", str(tmp_path / "r.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
