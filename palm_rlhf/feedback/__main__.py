@@ -183,14 +183,14 @@ def serve(args) -> None:
                    clear_untrusted_proxy_headers=not settings.FEEDBACK_BEHIND_PROXY)
 
 
-def read_password(args) -> str:
+def read_password(args, username: str) -> str:
     """From --password-file (never the command line, which `ps` and shell history show), or typed twice."""
     if args.password_file == "-":
         return sys.stdin.readline().rstrip("\r\n")
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as file:
             return file.readline().rstrip("\r\n")
-    password = getpass.getpass(f"password for {args.username}: ")
+    password = getpass.getpass(f"password for {username}: ")
     if getpass.getpass("the same again: ") != password:
         sys.exit("the two passwords differ")
     return password
@@ -202,21 +202,25 @@ def adduser(args) -> None:
     from django.core.exceptions import ValidationError
     from django.db import IntegrityError
 
+    from .accounts import checked_username
+
     users = get_user_model()
-    if users.objects.filter(username=args.username).exists():
-        sys.exit(f"a user named {args.username!r} exists already")
-    password = read_password(args)
     try:
-        validate_password(password, users(username=args.username))
+        name = checked_username(args.username)
+    except ValidationError as error:
+        sys.exit(f"username refused: {error.messages[0]}")
+    password = read_password(args, name)
+    try:
+        validate_password(password, users(username=name))
     except ValidationError as error:
         sys.exit("password refused: " + " ".join(error.messages))
     try:
-        users.objects.create_user(args.username, password=password, is_staff=args.staff or args.superuser,
+        users.objects.create_user(name, password=password, is_staff=args.staff or args.superuser,
                                   is_superuser=args.superuser)
     except IntegrityError:  # made by someone else since the check above
-        sys.exit(f"a user named {args.username!r} exists already")
+        sys.exit(f"username refused: a user named {name!r} exists already")
     role = "superuser" if args.superuser else "staff" if args.staff else "rater"
-    print(f"created {role} {args.username}")
+    print(f"created {role} {name}")
 
 
 def invite(args) -> None:
@@ -251,6 +255,9 @@ def main(argv=None) -> None:
     setup_django(args.data_dir)
     if args.command == "manage":
         from django.core.management import execute_from_command_line
+
+        if args.args[:1] == ["createsuperuser"]:  # it would skip the username checks of accounts.py
+            sys.exit("use `adduser NAME --superuser`: every account is made with the same username checks")
 
         execute_from_command_line(["palm-rlhf-feedback manage", *args.args])
         return

@@ -1,5 +1,8 @@
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 
+from .accounts import AdminSignUpForm
 from .models import Answer, GenerationJob, Invite, Item, Prompt, Response
 from .throttle import AdminLoginForm
 
@@ -17,3 +20,11 @@ class ItemAdmin(admin.ModelAdmin):
 class AnswerAdmin(admin.ModelAdmin):
     list_display = ("item", "rater", "rating", "num_bins", "choice", "answered_at")
     list_filter = ("rater",)
+
+
+admin.site.unregister(get_user_model())
+
+
+@admin.register(get_user_model())
+class CheckedUserAdmin(UserAdmin):
+    add_form = AdminSignUpForm  # the admin's add-user page checks names like adduser and invite links

@@ -12,7 +12,6 @@ from django.contrib import admin
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
 from django.http import HttpResponse, HttpResponseForbidden, StreamingHttpResponse
@@ -21,6 +20,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from . import export, stats
+from .accounts import SignUpForm
 from .models import Answer, GenerationJob, Invite, Item, Prompt, Response
 from .throttle import LoginForm, refused
 
@@ -239,7 +239,7 @@ def invites(request):
 
 def accept_invite(request, token: str):
     invite = get_object_or_404(Invite, token=token, used_by__isnull=True)
-    form = UserCreationForm(request.POST or None)
+    form = SignUpForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
             with transaction.atomic():

@@ -68,7 +68,38 @@ def test_adduser_reads_a_password_file_and_refuses_a_duplicate(monkeypatch, djan
     adduser(monkeypatch, "ann", "--password-file", str(tmp_path / "pw"))
     assert django_user_model.objects.get(username="ann").check_password(GOOD)
     message = exit_message(lambda: adduser(monkeypatch, "ann", "--password-file", "-", stdin=GOOD))
-    assert message == "a user named 'ann' exists already"
+    assert message == "username refused: a user named 'ann' exists already"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name,message", [
+    ("ALICE", "a user named 'alice' exists already"),  # the invite form refused it; adduser made it
+    ("", "a username is needed"),  # crashed with ValueError
+    ("   ", "a username is needed"),
+    ("a" * 300, "a username has at most 150 characters, not 300"),
+    ("<b>boss</b>", "a username may hold only letters, digits and @ . + - _"),
+    ("m 1", "a username may hold only letters, digits and @ . + - _"),
+])
+def test_adduser_checks_the_username_like_every_other_way_in(monkeypatch, django_user_model, name, message):
+    django_user_model.objects.create_user("alice", password=GOOD)
+    assert exit_message(lambda: adduser(monkeypatch, name, "--password-file", "-", stdin=GOOD)) == (
+        "username refused: " + message)
+    assert list(django_user_model.objects.values_list("username", flat=True)) == ["alice"]
+
+
+@pytest.mark.django_db
+def test_adduser_stores_the_name_that_login_reads(monkeypatch, django_user_model, client, capsys):
+    """' m1' was created with its space, but login strips it and reached the account m1 instead."""
+    django_user_model.objects.create_user("m1", password="m1-password-of-m1")
+    message = exit_message(lambda: adduser(monkeypatch, " m1", "--password-file", "-", stdin=GOOD))
+    assert message == "username refused: a user named 'm1' exists already"
+    adduser(monkeypatch, " m2\u2003", "--password-file", "-", stdin=GOOD)  # an em space too
+    assert capsys.readouterr().out == "created rater m2\n"
+    assert client.post("/login/", {"username": " m2", "password": GOOD}).status_code == 302
+
+
+def test_manage_createsuperuser_points_to_adduser():
+    assert "adduser NAME --superuser" in exit_message(lambda: cli.main(["manage", "createsuperuser"]))
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -221,6 +221,22 @@ def test_invite_link_makes_one_account(client, client_for, django_user_model):
     assert client.post(f"/invite/{token}/", {**form, "username": "again"}).status_code == 404
 
 
+@pytest.mark.parametrize("name,error", [("ALICE", "a user named &#x27;alice&#x27; exists already"),
+                                        ("<b>x</b>", "a username may hold only letters")])
+def test_invite_and_admin_forms_check_usernames_like_adduser(client, client_for, django_user_model, name, error):
+    django_user_model.objects.create_user("alice")
+    boss = client_for("boss", staff=True)
+    boss.post("/invites/", {})
+    form = {"username": name, "password1": "a-long-pass-phrase", "password2": "a-long-pass-phrase"}
+    page = client.post(f"/invite/{Invite.objects.get().token}/", form)
+    assert page.status_code == 200 and error in page.content.decode()
+    chief = client_for("chief", staff=True)
+    django_user_model.objects.filter(username="chief").update(is_superuser=True)  # may add users in the admin
+    page = chief.post("/admin/auth/user/add/", {**form, "usable_password": "true"})
+    assert page.status_code == 200 and error in page.content.decode()
+    assert set(django_user_model.objects.values_list("username", flat=True)) == {"alice", "boss", "chief"}
+
+
 def test_stats_page_shows_agreement(client_for, make_items):
     make_items(prompts=1, responses=1, overlap=2)
     for name, rating in (("ann", "4"), ("bob", "5")):
