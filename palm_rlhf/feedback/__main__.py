@@ -26,12 +26,11 @@ def setup_django(data_dir: str | None) -> None:
     from django.conf import settings
 
     try:
-        folder = settings.DATA_DIR  # the first look imports the settings module
-    except ValueError as error:  # a setting given in the environment that cannot work
-        sys.exit(str(error))
-    from .settings import private_folder
+        from .settings import private_folder
 
-    private_folder(folder)
+        private_folder(settings.DATA_DIR)  # the first look at settings imports them
+    except ValueError as error:  # a setting or a folder that cannot work
+        sys.exit(str(error))
     django.setup()
 
 

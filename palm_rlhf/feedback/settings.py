@@ -66,8 +66,18 @@ def whole_number(name: str, default: int, least: int) -> int:
     return int(text)
 
 
+APP_FILES = ("db.sqlite3", "secret_key")  # what makes a folder this app's data folder
+
+
 def private_folder(path: Path) -> None:
-    """The data folder, 0700: it holds the secret key and the database (password hashes, sessions, invites)."""
+    """The data folder, 0700: it holds the secret key and the database (password hashes, sessions,
+    invites). A new or empty folder is made so, and one that is ours already (it holds one of
+    APP_FILES); any other is refused with its mode untouched (`--data-dir .` made a project folder 0700)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the data folder {path} is a file")
+    if path.exists() and any(path.iterdir()) and not any((path / name).exists() for name in APP_FILES):
+        raise ValueError(f"the data folder {path} holds other files and no {' or '.join(APP_FILES)}: "
+                         "give a new or empty folder, or the one the app made before")
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
 

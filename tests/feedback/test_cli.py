@@ -4,7 +4,9 @@ import io
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from palm_rlhf.feedback.apps import private_sqlite_file  # noqa: E402
 from palm_rlhf.feedback.settings import private_folder  # noqa: E402
 
 GOOD = "a-long-pass-phrase"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def adduser(monkeypatch, *argv, stdin=""):
@@ -129,10 +132,9 @@ def test_database_and_its_wal_files_are_private(tmp_path):
     try:
         data = tmp_path / "data"
         data.mkdir(mode=0o755)
-        (data / "old.sqlite3").write_text("")  # a database from before: made private too
+        (data / "db.sqlite3").write_text("")  # a database from before the app made its files private
         private_folder(data)
-        for name in ("db.sqlite3", "old.sqlite3"):
-            private_sqlite_file(str(data / name))
+        private_sqlite_file(str(data / "db.sqlite3"))
         connection = sqlite3.connect(data / "db.sqlite3")
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("CREATE TABLE t (x)")
@@ -141,5 +143,25 @@ def test_database_and_its_wal_files_are_private(tmp_path):
         connection.close()
     finally:
         os.umask(old_umask)
-    assert modes == {name: "0o600" for name in ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "old.sqlite3")}
+    assert modes == {name: "0o600" for name in ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm")}
     assert oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"
+
+
+def test_a_folder_the_app_did_not_make_is_refused_with_its_mode_untouched(tmp_path):
+    """Pointed at `.`, --data-dir made a project folder 0700."""
+    project = tmp_path / "project"
+    project.mkdir()
+    project.chmod(0o755)
+    (project / "notes.txt").write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "palm_rlhf.feedback", "--data-dir", ".", "invite"], cwd=project,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1 and done.stderr == (
+        f"the data folder {project} holds other files and no db.sqlite3 or secret_key: "
+        "give a new or empty folder, or the one the app made before\n")
+    assert oct(stat.S_IMODE(project.stat().st_mode)) == "0o755" and os.listdir(project) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    private_folder(empty)  # nothing of anyone's in it: made private for the database and key to come
+    assert oct(stat.S_IMODE(empty.stat().st_mode)) == "0o700"
+    with pytest.raises(ValueError, match="is a file"):
+        private_folder(project / "notes.txt")
