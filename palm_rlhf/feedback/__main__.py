@@ -227,9 +227,14 @@ def invite(args) -> None:
     from django.urls import reverse
 
     from .models import Invite
+    from .settings import checked_origin
 
-    token = Invite.objects.create(is_staff=args.staff).token
     base_url = args.base_url or settings.FEEDBACK_ORIGIN or "http://127.0.0.1:8000"
+    try:
+        checked_origin(base_url, "--base-url")
+    except ValueError as error:  # before the invite is made: a link nobody can open is no invite
+        sys.exit(str(error))
+    token = Invite.objects.create(is_staff=args.staff).token
     print(base_url.rstrip("/") + reverse("accept_invite", args=[token]))
 
 

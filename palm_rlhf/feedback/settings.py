@@ -94,15 +94,26 @@ def secret_key() -> str:
     return path.read_text().strip()
 
 
+def checked_origin(url: str, name: str) -> str:
+    """An address raters open: scheme and host, no path (the app is served at the root)."""
+    refused = ValueError(f"{name} must look like https://feedback.example.org, not {url!r}")
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises for a port that is not a number or beyond 65535
+    except ValueError:
+        raise refused from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+        raise refused
+    return url
+
+
 def public_settings(origin: str, behind_proxy: bool, hosts: list[str]) -> dict:
     """Settings for serving at a public origin, optionally behind a TLS-terminating reverse proxy."""
     result = {"FEEDBACK_ORIGIN": "", "FEEDBACK_BEHIND_PROXY": behind_proxy, "ALLOWED_HOSTS": list(hosts)}
     if behind_proxy:  # request.is_secure() then follows the proxy's scheme, as the CSRF origin check needs
         result["SECURE_PROXY_SSL_HEADER"] = ("HTTP_X_FORWARDED_PROTO", "https")
     if origin:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
-            raise ValueError(f"the public origin must look like https://feedback.example.org, not {origin!r}")
+        parts = urlsplit(checked_origin(origin, "the public origin"))
         result["FEEDBACK_ORIGIN"] = f"{parts.scheme}://{parts.netloc}"
         result["CSRF_TRUSTED_ORIGINS"] = [result["FEEDBACK_ORIGIN"]]
         result["ALLOWED_HOSTS"].append(parts.hostname)

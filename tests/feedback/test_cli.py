@@ -165,3 +165,13 @@ def test_a_folder_the_app_did_not_make_is_refused_with_its_mode_untouched(tmp_pa
     assert oct(stat.S_IMODE(empty.stat().st_mode)) == "0o700"
     with pytest.raises(ValueError, match="is a file"):
         private_folder(project / "notes.txt")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["example.org", "ftp://example.org", "https://example.org/app", "http://x:70000"])
+def test_invite_refuses_a_base_url_nobody_could_open(url):
+    from palm_rlhf.feedback.models import Invite
+
+    message = exit_message(lambda: cli.invite(cli.parse_args(["invite", "--base-url", url])))
+    assert message == f"--base-url must look like https://feedback.example.org, not {url!r}"
+    assert not Invite.objects.exists()
