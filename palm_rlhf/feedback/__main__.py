@@ -174,7 +174,7 @@ def serve(args) -> None:
         import_file(args.import_file, args)
     start_sampling(args, background=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("warning: waitress should sit behind a reverse proxy (nginx, Caddy) on 127.0.0.1: see the README")
+        print("warning: waitress should sit behind a reverse proxy (nginx, Caddy) on 127.0.0.1: see docs/feedback.md")
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     # waitress drops X-Forwarded-* headers unless told otherwise; behind a proxy, Django reads them
     waitress_serve(application, host=args.host, port=args.port, threads=args.threads, ident="palm-rlhf-feedback",
