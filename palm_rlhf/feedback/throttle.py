@@ -183,22 +183,23 @@ class ThrottledLogin:
             if not known:  # a flood's refusals cost the flooder; a known person's retries cost nothing
                 count_busy(keys)
             raise ValidationError(BUSY, code="busy")
-        try:
-            cleaned = self.checked(keys)
-        except ValidationError as error:
-            if error.code == "invalid_login":
-                count_failure(keys)
-            raise
+        cleaned = self.checked(keys)
         count_success(keys)
         return cleaned
 
     def checked(self, keys: dict[str, str]):
         """The form's own clean(), which hashes the password, inside a slot. The counts are read again
-        first: they may have reached a limit while this login waited for its slot."""
+        first, as they may have reached a limit while this login waited, and a failure is counted
+        before the slot is let go, so that the next login in it reads the count with this one."""
         try:
             if error := refusal(live_counters(keys)):
                 raise error
-            return super().clean()
+            try:
+                return super().clean()
+            except ValidationError as error:
+                if error.code == "invalid_login":
+                    count_failure(keys)
+                raise
         finally:
             SLOTS.release()
 
