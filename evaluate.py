@@ -35,7 +35,7 @@ folder's run.json) goes into the CSV beside its row. Writes out_dir/frontier.csv
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +43,11 @@ import torch
 from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM
+from palm_rlhf.config import check_settings, parse_config, setting
 from palm_rlhf.data import review_prompts, stable_bucket, vader_compound
 from palm_rlhf.dpo import pack_sequences, sequence_log_probs
 from palm_rlhf.reward import RewardModel
-from palm_rlhf.training import parse_config, set_seed
+from palm_rlhf.training import load_lm, set_seed
 
 METRICS = ("vader", "win_rate", "rm_score", "kl", "kl_bound", "bits_per_byte", "distinct_2", "eos_rate", "length")
 
@@ -55,18 +56,21 @@ METRICS = ("vader", "win_rate", "rm_score", "kl", "kl_bound", "bits_per_byte", "
 class EvaluateConfig:
     """Measure policies and best-of-N on held-out prompts: VADER, win rate, RM score, KL to the LM, fluency, diversity."""
 
-    policies: str = field(default="", metadata={"help": "comma-separated name=checkpoint (PaLM.from_pretrained folders); name method@label groups a curve"})
-    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "the LM: reference of the KL, fluency and win rate"})
-    reward_checkpoint: str = field(default="runs/reward/final", metadata={"help": "the reward model that scores responses and picks best-of-N"})
-    num_prompts: int = field(default=256, metadata={"help": "held-out prompts: the last ones of the prompts split"})
-    samples: int = field(default=4, metadata={"help": "responses per prompt and policy"})
-    best_of: str = field(default="1,2,4,8,16,32,64", metadata={"help": "N of best-of-N from the LM's samples (empty: none)"})
-    prompt_words: int = field(default=4, metadata={"help": "words of each held-out snippet used as its prompt"})
-    max_seq_len: int = field(default=48, metadata={"help": "as the RL scripts': each response gets at most max_seq_len - the longest training prompt tokens (about 160 for a byte-level LM)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every policy"})
-    batch_size: int = field(default=256, metadata={"help": "sequences per generation or scoring batch"})
-    out_dir: str = field(default="runs/eval", metadata={"help": "where frontier.csv and frontier.png go"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling; each set of samples draws from (seed, its name)"})
+    policies: str = setting("", "comma-separated name=checkpoint (PaLM.from_pretrained folders); name method@label groups a curve")
+    lm_checkpoint: str = setting("runs/lm/final", "the LM: reference of the KL, fluency and win rate")
+    reward_checkpoint: str = setting("runs/reward/final", "the reward model that scores responses and picks best-of-N")
+    num_prompts: int = setting(256, "held-out prompts: the last ones of the prompts split", at_least=2)
+    samples: int = setting(4, "responses per prompt and policy", at_least=1)
+    best_of: str = setting("1,2,4,8,16,32,64", "N of best-of-N from the LM's samples (empty: none)")
+    prompt_words: int = setting(4, "words of each held-out snippet used as its prompt", at_least=1)
+    max_seq_len: int = setting(48, "as the RL scripts': each response gets at most max_seq_len - the longest training prompt tokens (about 160 for a byte-level LM)", at_least=2)
+    temperature: float = setting(1.0, "sampling temperature of every policy", above=0)
+    batch_size: int = setting(256, "sequences per generation or scoring batch", at_least=1)
+    out_dir: str = setting("runs/eval", "where frontier.csv and frontier.png go")
+    seed: int = setting(0, "seed of the sampling; each set of samples draws from (seed, its name)")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,13 +334,15 @@ def evaluate(cfg: EvaluateConfig) -> list:
     for name, path in [("lm_checkpoint", cfg.lm_checkpoint), ("reward_checkpoint", cfg.reward_checkpoint)] + [(n, p) for n, _, p in policies]:
         if not Path(path).is_dir():
             raise SystemExit(f"{name}: no checkpoint folder at {path}")
+    if any(n < 1 for n in best_of):
+        raise SystemExit(f"--best_of {cfg.best_of}: every N must be >= 1")
     texts = review_prompts(cfg.prompt_words)
     if cfg.num_prompts >= len(texts) or cfg.samples < 1:
         raise SystemExit(f"--num_prompts must be less than {len(texts)} and --samples at least 1")
     set_seed(cfg.seed)
-    lm = PaLM.from_pretrained(cfg.lm_checkpoint).eval()
+    lm = load_lm(cfg.lm_checkpoint).eval()
     tokenizer = lm.tokenizer
-    heads = [[tokenizer.eos_id] + tokenizer.encode(t).tolist() for t in texts]
+    heads = [tokenizer.encode_prompt(t).tolist() for t in texts]
     # the RL scripts' budget: max_seq_len less the longest of the prompts they train on
     budget = cfg.max_seq_len - max(len(h) for h in heads[: -cfg.num_prompts])
     if budget < 1:

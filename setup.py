@@ -25,7 +25,7 @@ setup(
         # deepspeed and transformers for tests/test_deepspeed.py (Accelerate's DeepSpeed plugin imports transformers)
         "deepspeed": ["deepspeed==0.19.8", "transformers==5.24.0"],
         "test": ["pytest", "pytest-django==4.14.0", "matplotlib", "vaderSentiment==3.3.2", "deepspeed==0.19.8",
-                 "transformers==5.24.0"],
+                 "transformers==5.24.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         "feedback": ["django==5.2.19", "waitress==3.0.2"],
     },
     package_data={"palm_rlhf.feedback": ["templates/feedback/*.html", "static/feedback/*"]},

@@ -12,66 +12,53 @@ train_ppo.py and train_dpo.py load. Validation bits per byte are comparable acro
 (the loss per token divided by the bytes of text per token); the EOS between documents counts as a byte.
 """
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from palm_rlhf import ByteTokenizer, PaLM, PaLMConfig
+from palm_rlhf.checkpoint import full_state_dict
+from palm_rlhf.config import check_settings, parse_config, setting
 from palm_rlhf.data import DEFAULT_CORPUS, TokenWindows, bytes_per_token, corpus_token_file, load_corpus
+from palm_rlhf.model import PRESETS
 from palm_rlhf.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
-from palm_rlhf.training import (
-    GracefulStop,
-    MetricsLogger,
-    available_trackers,
-    check_finite,
-    check_in_sync,
-    checkpoint_exists,
-    full_state_dict,
-    init_trackers,
-    load_checkpoint,
-    lr_lambda_warmup_cosine,
-    make_accelerator,
-    parse_config,
-    plot_metrics,
-    save_checkpoint,
-    set_seed,
-    write_run_record,
-)
+from palm_rlhf.training import Run, available_trackers, lr_lambda_warmup_cosine, make_accelerator, set_seed
 
 
 @dataclass
 class TrainLMConfig:
     """Pretrain PaLM on real text shipped offline; checkpoints resume; metrics go to CSV and a plot."""
 
-    corpus: str = field(default=DEFAULT_CORPUS, metadata={"help": "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews), a .txt/.jsonl path or a folder of .txt files"})
-    tokenizer: str = field(default="bpe", metadata={"help": "bytes, bpe (learnt from the corpus' train split, --vocab_size ids), gpt2, or a tokenizer.json / model folder / folder with vocab.json + merges.txt"})
-    vocab_size: int = field(default=4096, metadata={"help": "ids of a --tokenizer bpe, PAD and EOS included"})
-    preset: str = field(default="small", metadata={"help": "model size: tiny, small, base, medium, large"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per training window"})
-    batch_size: int = field(default=16, metadata={"help": "windows per process per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    steps: int = field(default=650, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    mixed_precision: str | None = field(default=None, metadata={
-        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
-    eval_every: int = field(default=50, metadata={"help": "steps between validation runs"})
-    eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
-    sample_every: int = field(default=200, metadata={"help": "steps between generated samples"})
-    sample_prompt: str = field(default="The movie is", metadata={"help": "prompt of the logged samples"})
-    sample_len: int = field(default=160, metadata={"help": "tokens per logged sample, prompt included"})
-    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
-    out_dir: str = field(default="runs/lm", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
-    seed: int = field(default=0, metadata={"help": "seed for weights, data windows and sampling"})
-    cache_dir: str | None = field(default=None, metadata={"help": "where token files are cached (default ~/.cache/palm_rlhf)"})
+    corpus: str = setting(DEFAULT_CORPUS, "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews), a .txt/.jsonl path or a folder of .txt files")
+    tokenizer: str = setting("bpe", "bytes, bpe (learnt from the corpus' train split, --vocab_size ids), gpt2, or a tokenizer.json / model folder / folder with vocab.json + merges.txt")
+    vocab_size: int = setting(4096, "ids of a --tokenizer bpe, PAD and EOS included", at_least=259)
+    preset: str = setting("small", "model size: tiny, small, base, medium, large", choices=tuple(PRESETS))
+    seq_len: int = setting(256, "tokens per training window", at_least=2)
+    batch_size: int = setting(16, "windows per process per micro-batch", at_least=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", at_least=1)
+    steps: int = setting(650, "optimizer steps", at_least=1)
+    lr: float = setting(2e-3, "peak learning rate", above=0)
+    warmup_steps: int = setting(50, "linear warm-up steps", at_least=0)
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak (cosine decay)", at_least=0, at_most=1)
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices", at_least=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
+    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
+                                          choices=("no", "fp16", "bf16"))
+    eval_every: int = setting(50, "steps between validation runs", at_least=1)
+    eval_batches: int = setting(8, "validation batches per evaluation", at_least=1)
+    sample_every: int = setting(200, "steps between generated samples", at_least=1)
+    sample_prompt: str = setting("The movie is", "prompt of the logged samples")
+    sample_len: int = setting(160, "tokens per logged sample, prompt included", at_least=2)
+    checkpoint_every: int = setting(100, "steps between resumable checkpoints", at_least=1)
+    out_dir: str = setting("runs/lm", "run folder: checkpoint/, final/, metrics.csv, plot")
+    resume: bool = setting(False, "continue from out_dir/checkpoint")
+    seed: int = setting(0, "seed for weights, data windows and sampling")
+    cache_dir: str | None = setting(None, "where token files are cached (default ~/.cache/palm_rlhf)")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def build_tokenizer(cfg, out_dir: Path, is_main_process: bool):
@@ -102,7 +89,7 @@ def evaluate(palm, windows, cfg, accelerator) -> float:
 
 
 def sample_text(palm, cfg, tokenizer) -> str:
-    prompt = torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(cfg.sample_prompt)))
+    prompt = tokenizer.encode_prompt(cfg.sample_prompt)
     generator = torch.Generator(device=palm.device).manual_seed(cfg.seed)
     tokens = palm.generate(cfg.sample_len, prompt=prompt, temperature=0.8, top_k=40, eos_token=tokenizer.eos_id,
                            generator=generator)
@@ -141,32 +128,18 @@ def train(cfg: TrainLMConfig):
     # not handed to accelerator.prepare, which would step it once per process: the schedule counts
     # optimizer steps, whatever the number of processes
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    checkpoint_dir = out_dir / "checkpoint"
-    if cfg.resume and not checkpoint_exists(checkpoint_dir):
-        raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
     n_params = sum(p.numel() for p in palm.parameters())  # before ZeRO-3 leaves each process its part
     palm, optimizer = accelerator.prepare(palm, optimizer)
-    start_step = 0
-    if cfg.resume:
-        start_step = load_checkpoint(checkpoint_dir, model=palm, optimizer=optimizer, scheduler=scheduler,
-                                     accelerator=accelerator)["step"]
     unwrapped = accelerator.unwrap_model(palm)
-    init_trackers(accelerator, "palm_rlhf_lm", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
-
-    def save(step):
-        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=palm, optimizer=optimizer,
-                        scheduler=scheduler, step=step, config=asdict(unwrapped.config),
-                        extra=dict(train_config=asdict(cfg)))
+    run = Run(cfg, accelerator, name="lm", total=cfg.steps, model=palm, optimizer=optimizer, scheduler=scheduler,
+              extra_state=lambda: dict(train_config=asdict(cfg)), checkpoint_config=asdict(unwrapped.config),
+              plot=[["train_loss", "val_loss"], ["val_bpb"], ["lr"]], plot_file="loss.png")
 
     accelerator.print(f"PaLM {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_windows) / 1e6:.1f}M training tokens "
                       f"({tokenizer.vocab_size}-token {type(tokenizer).__name__}, {valid_bytes_per_token:.2f} bytes per token), "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_lm",
-                    disable=not accelerator.is_main_process)
-    stop = GracefulStop()
-    for step in progress:
+    for step in run:
         started = time.perf_counter()
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(palm):
@@ -174,7 +147,7 @@ def train(cfg: TrainLMConfig):
                                             rank=accelerator.process_index)
                 loss = palm(batch.to(accelerator.device), return_loss=True)
                 mean_loss = accelerator.reduce(loss.detach(), "mean")
-                check_finite(mean_loss, step, hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
+                run.check_loss(mean_loss, step)
                 accelerator.backward(loss)  # Accelerate divides by grad_accum here
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(palm.parameters(), cfg.max_grad_norm)
@@ -182,37 +155,26 @@ def train(cfg: TrainLMConfig):
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         tokens_per_s = tokens_per_step / (time.perf_counter() - started)
-        metrics.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_s)
-        progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
+        run.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_s)
+        run.postfix(loss=mean_loss, tok_s=tokens_per_s)
 
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val_loss = evaluate(palm, valid_windows, cfg, accelerator)
             val_bpb = val_loss / math.log(2) / valid_bytes_per_token
-            metrics.log(done, val_loss=val_loss, val_bpb=val_bpb)
-            if accelerator.is_main_process:
-                progress.write(f"step {done}: val loss {val_loss:.4f}, {val_bpb:.3f} bits/byte")
+            run.log(done, val_loss=val_loss, val_bpb=val_bpb)
+            run.write(f"step {done}: val loss {val_loss:.4f}, {val_bpb:.3f} bits/byte")
         if done % cfg.sample_every == 0 or done == cfg.steps:
             sample = sample_text(unwrapped, cfg, tokenizer)  # on every process: sharded weights decode together
-            if accelerator.is_main_process:
-                progress.write(f"step {done} sample: {sample!r}")
-        if stop.requested_on_any(accelerator):
-            save(done)
-            accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")
-            sys.exit(130)
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save(done)
+            run.write(f"step {done} sample: {sample!r}")
 
-    check_in_sync(accelerator, palm)
-    save(cfg.steps)
-    weights = full_state_dict(accelerator, palm)  # on every process: gathers FSDP / ZeRO-3 shards
-    if accelerator.is_main_process:
-        unwrapped.save(out_dir / "final", state_dict=weights)
-        write_run_record(out_dir / "final", cfg)
-        plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png", [["train_loss", "val_loss"], ["val_bpb"], ["lr"]])
-        print(f"final model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
-    accelerator.wait_for_everyone()  # all leave together, once the main process has written
-    accelerator.end_training()
+    def save_final(final):
+        weights = full_state_dict(accelerator, palm)  # on every process: gathers FSDP / ZeRO-3 shards
+        if accelerator.is_main_process:
+            unwrapped.save(final, state_dict=weights)
+
+    final = run.finish(save_final)
+    accelerator.print(f"final model in {final}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'loss.png'}")
 
 
 if __name__ == "__main__":

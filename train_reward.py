@@ -15,15 +15,13 @@ beside the majority class), Pearson r with the human means, and pairwise accurac
 pairs beside the VADER lexicon's (ties count half for both).
 """
 import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.config import SettingError, parse_config, setting
 from palm_rlhf.data import (
     RatedText,
     bin_rating,
@@ -38,63 +36,47 @@ from palm_rlhf.data import (
     truncate_words,
     vader_compound,
 )
-from palm_rlhf.reward import RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating, pad_right, split_prompt
-from palm_rlhf.training import (
-    GracefulStop,
-    MetricsLogger,
-    available_trackers,
-    check_finite,
-    check_in_sync,
-    checkpoint_exists,
-    init_trackers,
-    load_checkpoint,
-    lr_lambda_warmup_cosine,
-    make_accelerator,
-    parse_config,
-    plot_metrics,
-    save_checkpoint,
-    set_seed,
-    write_run_record,
+from palm_rlhf.model import PRESETS, eval_mode
+from palm_rlhf.reward import (
+    RewardConfig, RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating,
+    pad_right, preference_accuracy, split_prompt,
 )
+from palm_rlhf.training import Run, available_trackers, load_lm, lr_lambda_warmup_cosine, make_accelerator, set_seed
 
+PLOT = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
+        ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]
 VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
 
 
 @dataclass
-class TrainRewardConfig:
+class TrainRewardConfig(RewardConfig):
     """Train a reward model (PaLM + LoRA + head) on human ratings; checkpoints resume; metrics go to CSV and a plot."""
 
-    lm_checkpoint: str = field(default="runs/lm/final", metadata={"help": "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset"})
-    preset: str = field(default="small", metadata={"help": "model size when --lm_checkpoint is none"})
-    mode: str = field(default="pairwise", metadata={"help": "pairwise (scalar, Bradley-Terry) or binned (K-way rating classifier)"})
-    data: str = field(default="movieReviewSnippets", metadata={"help": f"VADER rated sets joined by + ({', '.join(VADER_SETS)}; held-out metrics on the first) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}"})
-    num_bins: int = field(default=5, metadata={"help": "rating bins (stars) of the binned head"})
-    prompt_words: int = field(default=4, metadata={"help": "words of a plain snippet used as its prompt (as review_prompts)"})
-    pair_margin: float = field(default=1.0, metadata={"help": "least difference of ratings for a derived preference pair"})
-    loss_margin: float = field(default=0.0, metadata={"help": "margin inside the Bradley-Terry loss (Llama 2)"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the reward scope"})
-    finetune_last_n_layers: int | None = field(default=3, metadata={"help": "tune copies of the last N layers; 'none' tunes a LoRA scope of rank --lora_r instead"})
-    pool: str = field(default="mean", metadata={"help": "where the score is read: mean (over all real tokens) or eos (the final EOS)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the pooled embedding before the head"})
-    max_len: int = field(default=256, metadata={"help": "tokens per sequence (bytes with the byte tokenizer); longer responses are cut, EOS kept"})
-    truncate_prob: float = field(default=0.0, metadata={"help": "share of training responses cut after a random word, without the closing EOS (as RL's unfinished samples)"})
-    corrupt_prob: float = field(default=0.0, metadata={"help": "pairwise mode on rated texts: share of a batch's texts also given as a corrupted copy ranked below its original"})
-    batch_size: int = field(default=32, metadata={"help": "rated texts (or given pairs) per process per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    steps: int = field(default=400, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine decay)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    mixed_precision: str | None = field(default=None, metadata={
-        "help": "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no"})
-    eval_every: int = field(default=200, metadata={"help": "steps between held-out evaluations"})
-    max_test: int | None = field(default=None, metadata={"help": "cap on held-out ratings and pairs evaluated (quick checks)"})
-    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
-    out_dir: str = field(default="runs/reward", metadata={"help": "run folder: checkpoint/, final/, metrics.csv, plot"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
-    seed: int = field(default=0, metadata={"help": "seed for the head, data order and pairing"})
+    lm_checkpoint: str = setting("runs/lm/final", "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset")
+    preset: str = setting("small", "model size when --lm_checkpoint is none", choices=tuple(PRESETS))
+    data: str = setting("movieReviewSnippets", f"VADER rated sets joined by + ({', '.join(VADER_SETS)}; held-out metrics on the first) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}")
+    prompt_words: int = setting(4, "words of a plain snippet used as its prompt (as review_prompts)", at_least=1)
+    pair_margin: float = setting(1.0, "least difference of ratings for a derived preference pair", above=0)
+    loss_margin: float = setting(0.0, "margin inside the Bradley-Terry loss (Llama 2)", at_least=0)
+    max_len: int = setting(256, "tokens per sequence (bytes with the byte tokenizer); longer responses are cut, EOS kept", at_least=4)
+    truncate_prob: float = setting(0.0, "share of training responses cut after a random word, without the closing EOS (as RL's unfinished samples)", at_least=0, at_most=1)
+    corrupt_prob: float = setting(0.0, "pairwise mode on rated texts: share of a batch's texts also given as a corrupted copy ranked below its original", at_least=0, at_most=1)
+    batch_size: int = setting(32, "rated texts (or given pairs) per process per micro-batch", at_least=2)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", at_least=1)
+    steps: int = setting(400, "optimizer steps", at_least=1)
+    lr: float = setting(1e-3, "peak learning rate", above=0)
+    warmup_steps: int = setting(30, "linear warm-up steps", at_least=0)
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak (cosine decay)", at_least=0, at_most=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
+    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
+                                          choices=("no", "fp16", "bf16"))
+    eval_every: int = setting(200, "steps between held-out evaluations", at_least=1)
+    max_test: int | None = setting(None, "cap on held-out ratings and pairs evaluated (quick checks)", at_least=1)
+    checkpoint_every: int = setting(100, "steps between resumable checkpoints", at_least=1)
+    out_dir: str = setting("runs/reward", "run folder: checkpoint/, final/, metrics.csv, plot")
+    resume: bool = setting(False, "continue from out_dir/checkpoint")
+    seed: int = setting(0, "seed for the head, data order and pairing")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,12 +134,6 @@ def jsonl_data(cfg) -> dict:
 
 
 def load_data(cfg) -> dict:
-    if cfg.mode not in ("binned", "pairwise"):
-        raise SystemExit(f"--mode must be binned or pairwise, got {cfg.mode!r}")
-    if cfg.pool not in ("mean", "eos"):
-        raise SystemExit(f"--pool must be mean or eos, got {cfg.pool!r}")
-    if not (0 <= cfg.truncate_prob <= 1 and 0 <= cfg.corrupt_prob <= 1):
-        raise SystemExit("--truncate_prob and --corrupt_prob must be in [0, 1]")
     if cfg.corrupt_prob and cfg.mode != "pairwise":
         raise SystemExit("--corrupt_prob ranks corrupted copies below their originals: it needs --mode pairwise")
     if all(name in VADER_SETS for name in cfg.data.split("+")):
@@ -207,27 +183,20 @@ def sample_batch(items, batch_size, step, seed, rank) -> list:
 @torch.no_grad()
 def head_outputs(model, sides, cfg, device) -> torch.Tensor:
     """The head's output for each (prompt, response): (N, K) logits or (N,) scalars."""
-    was_training = model.training
-    model.eval()
     order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))  # less padding
     outputs = []
-    for start in range(0, len(order), cfg.batch_size):
-        seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], model.palm, cfg.max_len, device)
-        outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), cfg.batch_size):
+            seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], model.palm, cfg.max_len, device)
+            outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
     return torch.cat(outputs)[torch.tensor(order).argsort()]
-
-
-def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
-    """Fraction of pairs scored chosen > rejected; a tie counts half."""
-    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
 
 
 def vader_pairwise_accuracy(pairs) -> float:
     """The VADER lexicon's pairwise accuracy (compound score of prompt + response), the baseline."""
     chosen = vader_compound(["".join(p["chosen"]) for p in pairs])
     rejected = vader_compound(["".join(p["rejected"]) for p in pairs])
-    return pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected))
+    return preference_accuracy(torch.tensor(chosen), torch.tensor(rejected)).item()
 
 
 def majority_baseline(data) -> dict:
@@ -257,7 +226,7 @@ def evaluate(model, data, cfg, device) -> dict:
             chosen, rejected = expected_rating(chosen), expected_rating(rejected)
         else:
             metrics["loss"] = bradley_terry_loss(chosen, rejected).item()
-        metrics["pairwise_acc"] = pairwise_accuracy(chosen, rejected)
+        metrics["pairwise_acc"] = preference_accuracy(chosen, rejected).item()
     return {f"test_{k}": v for k, v in metrics.items()}
 
 
@@ -278,18 +247,10 @@ def print_table(metrics, baselines, print_fn) -> None:
 
 
 def build_model(cfg) -> RewardModel:
-    if cfg.lm_checkpoint.lower() == "none":
-        palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset))
-    elif Path(cfg.lm_checkpoint).is_dir():
-        palm = PaLM.from_pretrained(cfg.lm_checkpoint)
-    else:
-        raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: no such folder; run train_lm.py first, "
-                         "or pass --lm_checkpoint none to start from a fresh PaLM")
-    if palm.tokenizer is None:
-        raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: its {palm.num_tokens}-token vocabulary came without a "
-                         "tokenizer.json; save the LM with its tokenizer (palm.tokenizer = ...; palm.save(...))")
-    return RewardModel(palm, num_binned_output=cfg.num_bins if cfg.mode == "binned" else 0, lora_r=cfg.lora_r,
-                       finetune_last_n_layers=cfg.finetune_last_n_layers, dropout=cfg.dropout, pool=cfg.pool)
+    try:
+        return RewardModel.from_config(load_lm(cfg.lm_checkpoint, preset=cfg.preset), cfg)
+    except SettingError as error:  # a setting that does not fit the model it is read from
+        raise SystemExit(f"train_reward.py: --{error.name} {error.value}: {error.reason}") from None
 
 
 def training_loss(model, palm, data, cfg, step, rank, device) -> torch.Tensor:
@@ -329,18 +290,9 @@ def train(cfg: TrainRewardConfig) -> dict:
     optimizer = torch.optim.AdamW(model.finetune_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # stepped once per optimizer step, not handed to accelerator.prepare (as in train_lm.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    checkpoint_dir = out_dir / "checkpoint"
-    if cfg.resume and not checkpoint_exists(checkpoint_dir):
-        raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}; start without --resume")
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = 0
-    if cfg.resume:
-        start_step = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     accelerator=accelerator)["step"]
-        accelerator.print(f"resumed at step {start_step}")
     unwrapped = accelerator.unwrap_model(model)
-    init_trackers(accelerator, "palm_rlhf_reward", asdict(cfg))
-    metrics = MetricsLogger(out_dir, accelerator, resume=cfg.resume)
+    run = Run(cfg, accelerator, name="reward", total=cfg.steps, model=model, optimizer=optimizer, scheduler=scheduler)
 
     baselines = {}
     if data["test_pairs"]:
@@ -354,59 +306,44 @@ def train(cfg: TrainRewardConfig) -> dict:
     if cfg.mode == "pairwise" and data["train_ratings"]:
         accelerator.print(f"pairwise training: every pair of each batch's {cfg.batch_size} rated texts whose ratings differ by >= {cfg.pair_margin}")
 
-    def save(step):
-        save_checkpoint(checkpoint_dir, accelerator=accelerator, model=model, optimizer=optimizer,
-                        scheduler=scheduler, step=step, config=asdict(cfg))
-
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train_reward",
-                    disable=not accelerator.is_main_process)
-    stop = GracefulStop()
     final = None
-    for step in progress:
+    for step in run:
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(model):
                 loss = training_loss(model, unwrapped.palm, data, cfg, step * cfg.grad_accum + micro, accelerator.process_index,
                                      accelerator.device)
                 mean_loss = accelerator.reduce(loss.detach(), "mean")
-                check_finite(mean_loss, step, hint=f"stopped; the last good checkpoint in {checkpoint_dir} is intact")
+                run.check_loss(mean_loss, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unwrapped.finetune_parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        metrics.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0])
-        progress.set_postfix(loss=f"{mean_loss.item():.3f}")
+        run.log(step + 1, train_loss=mean_loss, lr=scheduler.get_last_lr()[0])
+        run.postfix(loss=mean_loss)
 
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             # every process evaluates the whole held-out split: the same numbers everywhere, no gathering
             held_out = evaluate(unwrapped, data, cfg, accelerator.device)
-            metrics.log(done, **held_out, **baselines)
-            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
+            run.log(done, **held_out, **baselines)
+            run.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
             final = held_out if done == cfg.steps else None
-        if stop.requested_on_any(accelerator):
-            save(done)
-            accelerator.print(f"\nstopped at step {done}; checkpoint in {checkpoint_dir}; continue with --resume")
-            sys.exit(130)
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save(done)
 
-    check_in_sync(accelerator, model)
-    save(cfg.steps)
     final = final or evaluate(unwrapped, data, cfg, accelerator.device)
+    logged = set(final) | set(baselines) | {"train_loss", "lr"}
+    run.plot_panels = [p for p in PLOT if logged & set(p)]
+
+    def save_final(directory):
+        if accelerator.is_main_process:
+            unwrapped.save(directory)
+            (out_dir / "final_metrics.json").write_text(json.dumps(dict(**final, **baselines), indent=2))
+
+    run.finish(save_final)
     if accelerator.is_main_process:
-        unwrapped.save(out_dir / "final")
-        write_run_record(out_dir / "final", cfg)
-        (out_dir / "final_metrics.json").write_text(json.dumps(dict(**final, **baselines), indent=2))
-        panels = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
-                  ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]
-        logged = set(final) | set(baselines) | {"train_loss", "lr"}
-        plot_metrics(out_dir / "metrics.csv", out_dir / "reward.png", [p for p in panels if logged & set(p)])
         print_table(final, baselines, print)
         print(f"final reward model in {out_dir / 'final'}; metrics in {out_dir / 'metrics.csv'}, plot {out_dir / 'reward.png'}")
-    accelerator.wait_for_everyone()  # all leave together, once the main process has written
-    accelerator.end_training()
     return dict(**final, **baselines)
 
 

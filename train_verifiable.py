@@ -21,13 +21,13 @@ runs/verifiable/final (the GRPO policy, adapters merged), metrics.csv and verifi
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf import PaLM
 from palm_rlhf.grpo import GRPOTrainer
 from palm_rlhf.tasks import (
     addition_problems,
@@ -37,7 +37,8 @@ from palm_rlhf.tasks import (
     mean_pass_at_k,
     verifiable_reward_fn,
 )
-from palm_rlhf.training import check_finite, lr_lambda_warmup_cosine, make_accelerator, MetricsLogger, parse_config, plot_metrics, set_seed
+from palm_rlhf.config import parse_config
+from palm_rlhf.training import MetricsLogger, check_finite, load_lm, lr_lambda_warmup_cosine, make_accelerator, plot_metrics, set_seed
 
 SFT_FIELDS = ("lm_checkpoint", "preset", "digits", "num_train_problems", "sft_steps", "sft_batch_size", "sft_lr",
               "sft_warmup_steps", "seed")
@@ -114,12 +115,7 @@ def load_or_train_sft(cfg, train_problems, curve_problems, metrics, accelerator)
         print(f"reusing the fine-tuned model in {sft_dir}")
         return PaLM.from_pretrained(sft_dir).to(accelerator.device)
 
-    if cfg.lm_checkpoint:
-        if not Path(cfg.lm_checkpoint).is_dir():
-            raise SystemExit(f"--lm_checkpoint {cfg.lm_checkpoint}: no such folder; run train_lm.py first or pass none")
-        palm = PaLM.from_pretrained(cfg.lm_checkpoint)
-    else:
-        palm = PaLM.from_config(PaLMConfig.from_name(cfg.preset))
+    palm = load_lm(cfg.lm_checkpoint or "none", preset=cfg.preset, needs_tokenizer=False)
     palm.to(accelerator.device)
     optimizer = torch.optim.AdamW(palm.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(cfg.sft_warmup_steps, cfg.sft_steps))
@@ -149,8 +145,9 @@ def train_grpo(palm, cfg, train_problems, curve_problems, metrics, accelerator) 
     """Stage b): GRPO on the train split's prompts; the exact scorer is the only reward."""
     trainer = GRPOTrainer(
         palm=palm, reward_fn=verifiable_reward_fn(train_problems), prompts=[p.prompt for p in train_problems],
-        estimator=cfg.estimator, group_size=cfg.group_size, beta=cfg.beta, lr=cfg.grpo_lr, lora_r=cfg.lora_r,
-        epochs=cfg.epochs, minibatch_size=cfg.minibatch_size, max_norm=1.0, seed=cfg.seed, accelerator=accelerator,
+        estimator=cfg.estimator, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, beta=cfg.beta,
+        kl_in="loss", lr=cfg.grpo_lr, lora_r=cfg.lora_r, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
+        temperature=cfg.temperature, max_grad_norm=1.0, seed=cfg.seed, accelerator=accelerator,
     )
     max_seq_len = max(len(p.prompt) for p in train_problems) + 1 + max_new_tokens(cfg)  # + 1: the leading EOS
     progress = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO")

@@ -39,7 +39,7 @@ import torch
 from bench_palm import PALM_RLHF_PYTORCH, build, generate_fn, installed, sync
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.palm import PRESETS
+from palm_rlhf.model import PRESETS
 from palm_rlhf.tokenizer import NUM_TOKENS
 
 # device name (a part of torch.cuda.get_device_name, first match wins) -> (peak dense bf16 FLOP/s,
@@ -175,11 +175,13 @@ def rl_trainer(method: str, preset: str, args, device):
     torch.manual_seed(0)
     palm = PaLM.from_config(PaLMConfig.from_name(preset))
     common = dict(palm=palm, reward_fn=count_byte, prompt_token_ids=torch.randint(0, 256, (8, args.prompt_len)),
-                  tokenizer=NoEOS(), epochs=1, minibatch_size=args.rl_minibatch,
+                  tokenizer=NoEOS(), epochs=1, minibatch_size=args.rl_minibatch, max_seq_len=args.prompt_len + args.new_tokens,
                   accelerate_kwargs=dict(mixed_precision="bf16" if args.dtype == "bf16" else "no", cpu=device.type == "cpu"))
     if method == "ppo":
-        return RLHFTrainer(**common), args.rl_batch, 1
-    return GRPOTrainer(**common, group_size=args.group_size), args.rl_batch // args.group_size, args.group_size
+        return RLHFTrainer(**common, rollout_batch_size=args.rl_batch), args.rl_batch, 1
+    # GRPO as DeepSeekMath runs it: the std-normalised advantage, the k3 KL in the loss
+    return (GRPOTrainer(**common, group_size=args.group_size, prompts_per_step=args.rl_batch // args.group_size,
+                        estimator="grpo", beta=0.04, kl_in="loss"), args.rl_batch // args.group_size, args.group_size)
 
 
 def measure_rl(method: str, preset: str, args, device) -> dict:

@@ -64,7 +64,8 @@ def ours(args):
     torch.manual_seed(0)
     palm = PaLM(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD, ff_mult=FF // DIM)
     trainer = GRPOTrainer(palm=palm, reward_fn=count_byte, prompt_token_ids=[torch.tensor(list(p)) for p in prompt_bytes()],
-                          tokenizer=NoEOS(), group_size=GROUP, beta=0.0, epochs=1, minibatch_size=PROMPTS * GROUP)
+                          tokenizer=NoEOS(), estimator="grpo", group_size=GROUP, prompts_per_step=PROMPTS, beta=0.0,
+                          epochs=1, minibatch_size=PROMPTS * GROUP, max_seq_len=PROMPT_LEN + NEW_TOKENS)
     return lambda: trainer.step(max_seq_len=PROMPT_LEN + NEW_TOKENS, prompts_per_step=PROMPTS, temperature=1.0)
 
 

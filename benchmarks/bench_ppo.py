@@ -49,7 +49,7 @@ def ours(preset="tiny"):
     torch.manual_seed(0)
     palm = PaLM.from_config(PaLMConfig.from_name(preset))
     trainer = RLHFTrainer(palm=palm, reward_fn=count_byte, prompt_token_ids=prompts(), tokenizer=NoEOS(),
-                          epochs=1, minibatch_size=MINIBATCH)
+                          epochs=1, minibatch_size=MINIBATCH, rollout_batch_size=BATCH, max_seq_len=SEQ_LEN)
     return lambda: trainer.step(SEQ_LEN, BATCH)
 
 

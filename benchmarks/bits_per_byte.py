@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from palm_rlhf import PaLM
 from palm_rlhf.data import DEFAULT_CORPUS, bytes_per_token, corpus_token_file
-from palm_rlhf.training import parse_config
+from palm_rlhf.config import parse_config
 
 
 @dataclass

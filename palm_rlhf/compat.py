@@ -1,15 +1,22 @@
 """PaLM-rlhf-pytorch's keywords, mapped onto this library's, so that code written for that package
-runs here with its package name changed (README, "Coming from PaLM-rlhf-pytorch").
+runs here with its package name changed (docs/coming-from-palm-rlhf-pytorch.md).
 
 Each table maps one of that package's keywords to ours: a new name (`Renamed`), or `Ignored` with
 the reason it has no meaning here; ignored keywords are accepted and named in one warning per call.
 A keyword and the one it is renamed to, passed together, are an error. Keywords the tables do not
 name go through untouched, so a misspelt one still fails as Python says.
+
+The core classes know nothing of this: `install()` (called once by palm_rlhf/__init__.py) wraps
+their constructors and the methods that package had, so `palm_rlhf.PaLM` is `palm_rlhf.model.PaLM`
+and takes both packages' keywords.
 """
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ GENERATE = {
     "pad_value": Renamed("pad_id"),
 }
 
+
+
 REWARD_MODEL = {
     "sample_from_bins": Ignored("the binned head's reward is the expected rating, never a sampled bin"),
     "sample_temperature": Ignored("the binned head's reward is the expected rating, never a sampled bin"),
@@ -77,6 +86,7 @@ RLHF_TRAINER = {
     "actor_wd": Renamed("weight_decay"),
     "critic_wd": Renamed("critic_weight_decay"),
     "pad_value": Renamed("prompt_pad_id"),
+    "max_norm": Renamed("max_grad_norm"),
     "actor_lora": Ignored("the actor is always a LoRA scope on the frozen base"),
     "critic_lora": Ignored("the critic is a LoRA scope, or a separate critic_palm trained whole"),
     "critic_pooled_values": Ignored("the critic gives one value per response token, for GAE"),
@@ -136,3 +146,50 @@ def ppo_episodes(kwargs: dict) -> dict:
         raise ValueError(f"num_episodes * max_timesteps = {responses} responses is fewer than update_timesteps = "
                          f"{per_update}: no PPO update would run; lower update_timesteps")
     return dict(kwargs, num_episodes=responses // per_update * per_update, rollout_batch_size=per_update)
+
+
+def sampling_filters(num_tokens: int, top_k, filter_thres, filter_logits_fn):
+    """PaLM-rlhf-pytorch's filter arguments -> (top_k, a logits filter or None). Its default filter,
+    with `filter_thres=t`, keeps the ceil((1 - t) * num_tokens) most likely tokens."""
+    if filter_logits_fn is not None:
+        thres = 0.9 if filter_thres is None else filter_thres
+        return top_k, lambda logits: filter_logits_fn(logits, thres=thres)
+    if filter_thres is not None:
+        if top_k is not None:
+            raise ValueError("pass top_k or filter_thres (PaLM-rlhf-pytorch's top-k fraction), not both")
+        top_k = max(1, math.ceil((1 - filter_thres) * num_tokens))
+    return top_k, None
+
+
+def upstream_generate(generate):
+    """PaLM.generate with that package's filters (`filter_thres`, `filter_logits_fn`), `pad_value`, and
+    no prompt: one random token that is not the pad starts the sequence, returned whole, (1, seq_len)."""
+    @functools.wraps(generate)
+    def wrapper(self, seq_len, prompt=None, **kwargs):
+        kwargs = translate(kwargs, GENERATE, "PaLM.generate")
+        if "filter_thres" in kwargs or "filter_logits_fn" in kwargs:
+            top_k, logits_filter = sampling_filters(self.num_tokens, kwargs.pop("top_k", None), kwargs.pop("filter_thres", None),
+                                                    kwargs.pop("filter_logits_fn", None))
+            kwargs.update(top_k=top_k, logits_filter=logits_filter)
+        if prompt is None:
+            prompt = torch.randint(0, self.num_tokens - 1, (1, 1))
+            prompt = prompt + (prompt >= self.pad_id).long()
+            kwargs["return_seq_without_prompt"] = False
+        return generate(self, seq_len, prompt, **kwargs)
+    return wrapper
+
+
+def install():
+    """Lets the classes take PaLM-rlhf-pytorch's keywords (the tables above), once."""
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.ppo import RLHFTrainer
+    from palm_rlhf.reward import RewardModel
+
+    if getattr(PaLM, "_takes_upstream_keywords", False):
+        return
+    PaLM.__init__ = upstream_keywords(PALM, palm_scopes)(PaLM.__init__)
+    PaLM.generate = upstream_generate(PaLM.generate)
+    RewardModel.__init__ = upstream_keywords(REWARD_MODEL)(RewardModel.__init__)
+    RLHFTrainer.__init__ = upstream_keywords(RLHF_TRAINER, rlhf_trainer_inputs)(RLHFTrainer.__init__)
+    RLHFTrainer.train = upstream_keywords(PPO_TRAIN, ppo_episodes)(RLHFTrainer.train)
+    PaLM._takes_upstream_keywords = True

@@ -29,13 +29,18 @@ How this departs from the papers:
 Sequences: [EOS] + prompt + response + [EOS], EOS doubling as begin-of-document; only response
 tokens (its closing EOS included) are scored.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer
+from palm_rlhf.config import check_settings, setting, with_settings
+from palm_rlhf.model import token_log_probs
+from palm_rlhf.reward import preference_accuracy
+from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer, pad
 from palm_rlhf.training import check_finite, lr_lambda_warmup_cosine
 
 METHODS = ("dpo", "ipo", "cdpo", "kto")
@@ -101,12 +106,6 @@ def kto_loss(policy_logps, ref_logps, desirable, beta: float = 0.1, kl_estimate=
     return losses.mean(), (beta * log_ratio).detach()
 
 
-def preference_accuracy(chosen_rewards, rejected_rewards) -> torch.Tensor:
-    """How often the chosen response gets the higher implicit reward; a tie counts half, so a policy
-    equal to its reference scores exactly chance (0.5)."""
-    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
-
-
 # ---------------------------------------------------------------------------------------------------
 # sequences and their log-probs
 
@@ -118,7 +117,7 @@ def encode_responses(prompts: list, responses: list, max_len: int = 320, tokeniz
     tokenizer = tokenizer or ByteTokenizer()
     heads, tails = [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        head = [tokenizer.eos_id] + tokenizer.encode(prompt).tolist()
+        head = tokenizer.encode_prompt(prompt).tolist()
         if len(head) >= max_len:
             raise ValueError(f"prompt {prompt[:40]!r}... leaves no room for a response in max_len={max_len}")
         heads.append(head)
@@ -132,15 +131,9 @@ def pack_sequences(heads: list, tails: list, pad_id: int = PAD_ID):
     Returns seq (b, n) long, mask (b, n) bool (real tokens), response_mask (b, n) bool (the tail:
     the tokens that are scored).
     """
-    n = max(len(head) + len(tail) for head, tail in zip(heads, tails))
-    seq = torch.full((len(heads), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(heads), n, dtype=torch.bool)
-    response_mask = torch.zeros_like(mask)
-    for i, (head, tail) in enumerate(zip(heads, tails)):
-        seq[i, : len(head) + len(tail)] = torch.tensor(head + tail)
-        mask[i, : len(head) + len(tail)] = True
-        response_mask[i, len(head) : len(head) + len(tail)] = True
-    return seq, mask, response_mask
+    seq, mask = pad([list(head) + list(tail) for head, tail in zip(heads, tails)], pad_id)
+    response_mask, _ = pad([[0] * len(head) + [1] * len(tail) for head, tail in zip(heads, tails)], 0)
+    return seq, mask, response_mask.bool()
 
 
 def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, disable_lora=False, temperature: float = 1.0):
@@ -150,8 +143,7 @@ def sequence_log_probs(model, seq, mask, response_mask, finetune_scope=None, dis
     gradients; `model` may be a PaLM or its Accelerate wrapper.
     """
     logits = model(seq[:, :-1], mask=mask[:, :-1], finetune_scope=finetune_scope, disable_lora=disable_lora)
-    token_log_probs = (logits.float() / temperature).log_softmax(dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)  # (b, n-1)
-    return (token_log_probs * response_mask[:, 1:]).sum(dim=-1)
+    return (token_log_probs(logits, seq[:, 1:], temperature) * response_mask[:, 1:]).sum(dim=-1)  # (b,)
 
 
 @torch.no_grad()
@@ -196,68 +188,67 @@ def check_examples(examples: list, keys: tuple, what: str):
 # the trainer
 
 
+@dataclass
+class DPOConfig:
+    """DPO's, IPO's, cDPO's and KTO's settings; the defaults are train_dpo.py's."""
+
+    method: str = setting("dpo", "dpo, ipo, cdpo (DPO with label smoothing) or kto", choices=METHODS)
+    beta: float = setting(0.1, "strength of the pull to the reference (IPO's tau)", above=0)
+    label_smoothing: float = setting(0.1, "cdpo: assumed probability that a preference label is flipped", at_least=0, at_most=0.5)
+    lambda_d: float = setting(1.0, "kto: weight of desirable examples", above=0)
+    lambda_u: float = setting(1.0, "kto: weight of undesirable examples", above=0)
+    scope: str = setting("dpo", "name of the policy's fine-tune scope on the PaLM")
+    lora_r: int = setting(8, "LoRA rank of the policy adapters", at_least=1)
+    lr: float = setting(1e-3, "peak learning rate of the adapters", above=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    warmup_steps: int = setting(20, "linear warm-up steps, then cosine decay to steps", at_least=0)
+    steps: int = setting(350, "optimizer steps (350 x 16 is about one pass over the pairs); the cosine ends there", at_least=1)
+    batch_size: int = setting(16, "pairs (kto: examples) per process per micro-batch", at_least=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", at_least=1)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
+    max_len: int = setting(96, "longest sequence in tokens (96 BPE tokens hold about 340 bytes; with a byte-level LM use about 320); longer responses are cut", at_least=2)
+    precompute_ref: bool = setting(False, "compute the reference log-probs of all training data once, not per batch")
+    seed: int = setting(0, "seed for pairing, batches and sampling")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
 class DPOTrainer:
     """Trains LoRA adapters of one PaLM by DPO, IPO, cDPO (pairs) or KTO (unpaired examples); the
-    same PaLM with the adapters off is the reference.
+    same PaLM with the adapters off is the reference. Settings: `config` (a DPOConfig, default
+    DPOConfig()), any of its fields as keywords on top.
 
-        trainer = DPOTrainer(palm=palm, pairs=pairs, method="dpo", beta=0.1)
-        trainer.train(num_steps=200)
-        trainer.evaluate(held_out_pairs)  # dict(pref_accuracy, reward_margin, ...)
+        trainer = DPOTrainer(palm=palm, pairs=pairs)   # train_dpo.py's settings
+        trainer.train()                                # config.steps
+        trainer.evaluate(held_out_pairs)               # dict(pref_accuracy, reward_margin, ...)
     """
 
-    def __init__(
-        self,
-        *,
-        palm,
-        pairs: list | None = None,
-        examples: list | None = None,
-        method: str = "dpo",
-        beta: float = 0.1,
-        label_smoothing: float = 0.1,
-        lambda_d: float = 1.0,
-        lambda_u: float = 1.0,
-        scope: str = "dpo",
-        lora_r: int = 8,
-        lr: float = 5e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
-        total_steps: int | None = None,
-        batch_size: int = 16,
-        grad_accum: int = 1,
-        max_grad_norm: float = 1.0,
-        max_len: int = 320,
-        precompute_ref: bool = False,
-        seed: int = 0,
-        accelerator: Accelerator | None = None,
-    ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        if method == "kto":
+    def __init__(self, *, palm, pairs: list | None = None, examples: list | None = None, config: DPOConfig | None = None,
+                 accelerator: Accelerator | None = None, **settings):
+        c = self.config = with_settings(config or DPOConfig(), settings, "DPOTrainer")
+        if c.method == "kto":
             check_examples(examples, ("prompt", "response", "desirable"), "KTO examples")
         else:
-            check_examples(pairs, ("prompt", "chosen", "rejected"), f"{method.upper()} pairs")
+            check_examples(pairs, ("prompt", "chosen", "rejected"), f"{c.method.upper()} pairs")
         if palm.tokenizer is None:
-            raise ValueError(f"{method.upper()} reads text: this {palm.num_tokens}-token PaLM needs its tokenizer (palm.tokenizer = ...)")
-        self.method, self.beta, self.label_smoothing = method, beta, label_smoothing
-        self.lambda_d, self.lambda_u = lambda_d, lambda_u
-        self.data = examples if method == "kto" else pairs
-        self.scope, self.batch_size, self.max_len, self.seed = scope, batch_size, max_len, seed
-        self.max_grad_norm = max_grad_norm
-        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=grad_accum)
+            raise ValueError(f"{c.method.upper()} reads text: this {palm.num_tokens}-token PaLM needs its tokenizer (palm.tokenizer = ...)")
+        self.method, self.beta, self.scope, self.max_len = c.method, c.beta, c.scope, c.max_len
+        self.data = examples if c.method == "kto" else pairs
+        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=c.grad_accum)
         self.grad_accum = self.accelerator.gradient_accumulation_steps
 
-        if scope not in palm.finetune_modules:
-            palm.add_finetune_params(scope, lora_r=lora_r)
-        palm.finetune_only(scope)
+        if c.scope not in palm.finetune_modules:
+            palm.add_finetune_params(c.scope, lora_r=c.lora_r)
+        palm.finetune_only(c.scope)
         self.palm = palm  # the unwrapped model: generation, saving, adapters
-        optimizer = torch.optim.AdamW(palm.finetune_parameters(scope), lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(palm.finetune_parameters(c.scope), lr=c.lr, weight_decay=c.weight_decay)
         # stepped once per optimizer step on every process, so not handed to accelerator.prepare
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda_warmup_cosine(warmup_steps, total_steps or 10**9))  # None: no decay
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_warmup_cosine(c.warmup_steps, c.steps))
         self.model, self.optimizer = self.accelerator.prepare(palm, optimizer)
         self.step = 0
         self.held_out_ref = {}
-        self.ref_cache = self._reference_log_probs_of_all() if precompute_ref else None
+        self.ref_cache = self._reference_log_probs_of_all() if c.precompute_ref else None
 
     # --- batches ----------------------------------------------------------------------------------
 
@@ -274,8 +265,8 @@ class DPOTrainer:
     def _batch_indices(self, step: int, micro: int):
         # depends only on (seed, step, micro, rank): a resumed run draws the batches an
         # uninterrupted one would
-        rng = np.random.default_rng([self.seed, step, micro, self.accelerator.process_index])
-        return rng.choice(len(self.data), size=min(self.batch_size, len(self.data)), replace=False)
+        rng = np.random.default_rng([self.config.seed, step, micro, self.accelerator.process_index])
+        return rng.choice(len(self.data), size=min(self.config.batch_size, len(self.data)), replace=False)
 
     @torch.no_grad()
     def _reference_log_probs(self, records):
@@ -284,9 +275,9 @@ class DPOTrainer:
     def _reference_log_probs_of_all(self):
         """Reference log-probs of every training example, computed once: (len(data),) or (len(data), 2)."""
         chunks = []
-        for start in tqdm(range(0, len(self.data), self.batch_size), desc="reference log-probs",
+        for start in tqdm(range(0, len(self.data), self.config.batch_size), desc="reference log-probs",
                           disable=not self.accelerator.is_main_process):
-            logps = self._reference_log_probs(self.data[start : start + self.batch_size])
+            logps = self._reference_log_probs(self.data[start : start + self.config.batch_size])
             chunks.append(logps if self.method == "kto" else torch.stack(logps.chunk(2), dim=-1))
         return torch.cat(chunks)
 
@@ -308,7 +299,7 @@ class DPOTrainer:
         if self.method == "ipo":
             loss, chosen, rejected = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta)
         else:
-            smoothing = self.label_smoothing if self.method == "cdpo" else 0.0
+            smoothing = self.config.label_smoothing if self.method == "cdpo" else 0.0
             loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                               self.beta, smoothing)
         return loss, dict(loss=loss.detach(), pref_accuracy=preference_accuracy(chosen, rejected),
@@ -327,7 +318,7 @@ class DPOTrainer:
                 kl_ref = sequence_log_probs(self.model, seq, mask, response_mask, disable_lora=True)
         kl = kto_kl_estimate(kl_policy, kl_ref, lambda x: self.accelerator.reduce(x, "mean"))  # one z0 for all processes
         desirable = torch.tensor([bool(r["desirable"]) for r in records], device=policy.device)
-        loss, rewards = kto_loss(policy, ref_logps, desirable, self.beta, kl, self.lambda_d, self.lambda_u)
+        loss, rewards = kto_loss(policy, ref_logps, desirable, self.beta, kl, self.config.lambda_d, self.config.lambda_u)
         # a batch without one kind gives nan for its mean, which every process logs alike
         desirable_reward, undesirable_reward = rewards[desirable].mean(), rewards[~desirable].mean()
         return loss, dict(loss=loss.detach(), kl_estimate=kl, desirable_reward=desirable_reward,
@@ -345,8 +336,8 @@ class DPOTrainer:
                 loss, metrics = self.compute_loss([self.data[i] for i in indices], ref)
                 check_finite(self.accelerator.reduce(loss.detach(), "mean"), self.step)
                 self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients and self.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self.palm.finetune_parameters(self.scope), self.max_grad_norm)
+                if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.palm.finetune_parameters(self.scope), self.config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -354,9 +345,10 @@ class DPOTrainer:
         metrics = {k: float(self.accelerator.reduce(v.detach(), "mean")) for k, v in metrics.items()}
         return dict(metrics, lr=self.scheduler.get_last_lr()[0])
 
-    def train(self, num_steps: int, callback=None):
-        """Trains until `self.step == num_steps`; after each step calls callback(step, metrics)
-        (logging, evaluation, checkpoints). Returns the last step's metrics."""
+    def train(self, num_steps: int | None = None, callback=None):
+        """Trains until `self.step == num_steps` (the config's steps by default); after each step calls
+        callback(step, metrics) (logging, evaluation, checkpoints). Returns the last step's metrics."""
+        num_steps = self.config.steps if num_steps is None else num_steps
         progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps,
                         desc=self.method, disable=not self.accelerator.is_main_process)
         metrics = {}

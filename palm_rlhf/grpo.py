@@ -50,10 +50,10 @@ from accelerate import Accelerator
 from beartype import beartype
 from torch import nn
 
-from palm_rlhf.palm import PaLM
-from palm_rlhf.ppo import (
-    Actor, Normalizers, PolicyTrainer, RolloutTensors, check_temperature, clipped_surrogate, kl_penalty, masked_mean,
-    token_mean,
+from palm_rlhf.config import require, setting, with_settings
+from palm_rlhf.model import PaLM
+from palm_rlhf.rl import (
+    Actor, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean, token_mean,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,20 +145,6 @@ def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: 
 # the trainer
 
 
-def check_options(estimator: str, group_size: int, beta: float, kl_in: str, loss_aggregation: str):
-    """Raises ValueError, naming the choices, for options GRPOTrainer cannot run with."""
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be at least 1, got {group_size}")
-    ADVANTAGE_ESTIMATORS[estimator](torch.zeros(1, group_size))  # RLOO refuses a group of one
-    if beta < 0:
-        raise ValueError(f"beta must be at least 0, got {beta}")
-    if kl_in not in ("loss", "reward"):
-        raise ValueError(f"unknown kl_in {kl_in!r}; choose loss (k3 per token) or reward (k1 per response)")
-    aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), loss_aggregation, 1)  # an unknown name
-
-
 @dataclass
 class GroupRollout(RolloutTensors):
     """One batch of groups: seq, mask (P * G, n), prompt i's G responses in rows i * G .. i * G + G - 1;
@@ -176,130 +162,130 @@ class GroupRollout(RolloutTensors):
     max_new_tokens: int
 
 
+# ---------------------------------------------------------------------------------------------------
+# the settings, whose defaults train_grpo.py runs with
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """The group methods' settings; the defaults (RLOO, the KL in the reward at beta 0.2) are those
+    that clear the README's bar on the default models."""
+
+    iterations: int = setting(120, "iterations (a rollout of prompts_per_step x group_size, then its updates)", at_least=1)
+    estimator: str = setting("rloo", "advantage: rloo (r - mean of the others), grpo ((r - mean) / std) or dr_grpo (r - mean)",
+                             choices=tuple(ADVANTAGE_ESTIMATORS))
+    group_size: int = setting(8, "responses sampled per prompt (G)", at_least=1)
+    prompts_per_step: int = setting(8, "prompts per iteration and process", at_least=1)
+    lr: float = setting(1e-3, "learning rate of the policy's LoRA", above=0)
+    lora_r: int = setting(8, "LoRA rank of the policy", at_least=1)
+    lora_scope: str = setting("actor", "name of the policy's fine-tune scope on the PaLM")
+    weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
+    beta: float = setting(0.2, "KL coefficient; 0 skips the reference model entirely", at_least=0)
+    kl_in: str = setting("reward", "loss (k3 per token, as GRPO) or reward (k1 per response subtracted from the score, as PPO)",
+                         choices=("loss", "reward"))
+    loss_aggregation: str = setting("token", "token (mean over the batch's tokens, DAPO), sequence (mean of per-response means, GRPO) or constant (sum / responses x budget, Dr. GRPO)",
+                                    choices=("token", "sequence", "constant"))
+    eps_clip: float = setting(0.2, "clip range of the policy ratio (lower side, and upper unless eps_clip_high)", above=0)
+    eps_clip_high: float | None = setting(None, "upper clip range (DAPO's clip-higher, e.g. 0.28); none = eps_clip", above=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.estimator != "rloo" or self.group_size >= 2, "group_size", self.group_size,
+                "RLOO needs at least 2 samples per prompt for its leave-one-out baseline")
+        batch = self.prompts_per_step * self.group_size
+        require(self.minibatch_size <= batch, "minibatch_size", self.minibatch_size,
+                f"must be <= prompts_per_step x group_size ({batch}), the responses it is cut from")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
 class GRPOTrainer(PolicyTrainer):
     """GRPO, Dr. GRPO or RLOO (`estimator`) on a PaLM with a reward model
     (`reward_model.score(seq, prompt_mask=, mask=) -> (b,)`) or a programmatic `reward_fn` of the same
-    signature (`ppo.text_reward_fn` turns a scorer of decoded text into one). Only the actor's LoRA
-    is trained; the base, the reference (the base itself) and the reward model stay frozen."""
+    signature (`rl.text_reward_fn` turns a scorer of decoded text into one). Only the actor's LoRA
+    is trained; the base, the reference (the base itself) and the reward model stay frozen.
+    Settings: `config` (a GRPOConfig, default GRPOConfig()), any of its fields as keywords on top."""
 
     @beartype
-    def __init__(
-        self,
-        *,
-        palm: PaLM,
-        reward_model: nn.Module | None = None,
-        reward_fn=None,
-        prompt_token_ids=None,
-        prompts: list[str] | None = None,
-        tokenizer=None,
-        estimator: str = "grpo",
-        group_size: int = 8,
-        beta: float = 0.04,
-        kl_in: str = "loss",
-        loss_aggregation: str = "token",
-        eps_clip: float = 0.2,
-        eps_clip_high: float | None = None,
-        lr: float = 1e-4,
-        lora_r: int = 8,
-        lora_scope: str = "actor",
-        weight_decay: float = 0.0,
-        epochs: int = 1,
-        minibatch_size: int = 16,
-        micro_batch_size: int | None = None,
-        max_norm: float | None = 1.0,
-        missing_eos_penalty: float | None = None,
-        seed: int = 0,
-        accelerator: Accelerator | None = None,
-        accelerate_kwargs: dict | None = None,
-    ):
-        check_options(estimator, group_size, beta, kl_in, loss_aggregation)
+    def __init__(self, *, palm: PaLM, reward_model: nn.Module | None = None, reward_fn=None, prompt_token_ids=None,
+                 prompts: list[str] | None = None, tokenizer=None, config: GRPOConfig | None = None,
+                 accelerator: Accelerator | None = None, accelerate_kwargs: dict | None = None, **settings):
+        config = with_settings(config or GRPOConfig(), settings, "GRPOTrainer")
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
-                         prompts=prompts, tokenizer=tokenizer, actor_scope=lora_scope, seed=seed,
-                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, epochs=epochs,
-                         minibatch_size=minibatch_size, micro_batch_size=micro_batch_size)
-        self.estimator, self.advantage_fn = estimator, ADVANTAGE_ESTIMATORS[estimator]
-        self.group_size, self.beta, self.kl_in, self.loss_aggregation = group_size, beta, kl_in, loss_aggregation
-        self.eps_clip, self.eps_clip_high, self.max_norm = eps_clip, eps_clip_high, max_norm
-        self.missing_eos_penalty = missing_eos_penalty
-        self.add_scopes({lora_scope: lora_r})
-        actor = Actor(palm, lora_scope)
-        optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+                         prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.lora_scope,
+                         accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
+        self.advantage_fn = ADVANTAGE_ESTIMATORS[config.estimator]
+        self.add_scopes({config.lora_scope: config.lora_r})
+        actor = Actor(palm, config.lora_scope)
+        optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.actor, self.optimizer = self.accelerator.prepare(actor, optimizer)
 
     @property
     def prepared(self) -> Actor:  # as Accelerate wrapped it: DDP, a DeepSpeed engine, FSDP
         return self.actor
 
-    @torch.no_grad()
-    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float = 1.0, generator=None):
+    def rollout(self, prompts: list[torch.Tensor], max_seq_len: int | None = None, temperature: float | None = None,
+                generator=None):
         """Steps 1-4 for a batch of prompts, G responses to each (sampled with `generator`)
         -> (GroupRollout, diagnostics)."""
-        check_temperature(temperature)
-        self.actor.eval()
-        # 1. G samples of each prompt from one encoding of it, each at most `budget` tokens
-        budget = self.response_budget(max_seq_len)
-        seq, mask, start = self.sample(prompts, budget, temperature, group_size=self.group_size, generator=generator)
-        resp_mask = mask[:, start:]  # (P * G, r)
-        # 2. log-probs recomputed by a forward pass so the first ratio is exactly 1; no reference pass at beta = 0
-        with self.accelerator.autocast():
-            log_probs, entropy = self.unwrapped(seq, mask, start, temperature)
-            ref_log_probs = None
-            if self.beta > 0:
-                ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:]
+        c = self.config
+        temperature = c.temperature if temperature is None else temperature
+        # 1. G samples of each prompt from one encoding of it; 2. their log-probs, and the
+        # reference's unless beta = 0
+        samples = self.sample_and_score(prompts, max_seq_len or c.max_seq_len, temperature, generator,
+                                        group_size=c.group_size, reference=c.beta > 0)
         # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
-        scores = self.score(seq, mask, start)
-        ended = self.ended(seq, start)
-        rewards = scores if self.missing_eos_penalty is None else scores - self.missing_eos_penalty * (~ended).float()
-        groups = rewards.view(-1, self.group_size)  # (P, G)
-        stats = dict(score=scores.mean(), response_length=resp_mask.sum(dim=1).float().mean(),
-                     ended_with_eos=ended.float().mean(), entropy=masked_mean(entropy, resp_mask),
-                     zero_variance_groups=constant_groups(groups).float().mean())
-        if ref_log_probs is not None:
-            kl = kl_penalty(log_probs, ref_log_probs, "k1", resp_mask).sum(dim=1)  # (P * G,)
+        rewards = samples.scores - samples.penalty
+        groups = rewards.view(-1, c.group_size)  # (P, G)
+        stats = dict(score=samples.scores.mean(), **samples.stats(), zero_variance_groups=constant_groups(groups).float().mean())
+        if samples.ref_log_probs is not None:
+            kl = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask).sum(dim=1)  # (P * G,)
             stats["kl"] = kl.mean()
-            if self.kl_in == "reward":
-                groups = (rewards - self.beta * kl).view(-1, self.group_size)
+            if c.kl_in == "reward":
+                groups = (rewards - c.beta * kl).view(-1, c.group_size)
         # 4. group-relative advantages, one per response
         advantages = self.advantage_fn(groups).view(-1)
-        rollout = GroupRollout(seq, mask, advantages, log_probs, ref_log_probs, start, temperature, budget)
+        rollout = GroupRollout(samples.seq, samples.mask, advantages, samples.log_probs, samples.ref_log_probs,
+                               samples.start, temperature, samples.budget)
         return rollout, {k: float(v) for k, v in stats.items()}
 
     def loss(self, mb: dict, rollout: GroupRollout, normalizers: Normalizers):
         """Step 5 on one micro-batch: the clipped surrogate and, with kl_in="loss", beta times the k3
         KL, aggregated by `loss_aggregation` over the minibatch -> (loss, diagnostics)."""
-        resp_mask, tokens = mb["mask"][:, rollout.start:], normalizers.tokens
+        c, resp_mask, tokens = self.config, mb["mask"][:, rollout.start:], normalizers.tokens
         with self.accelerator.autocast():
             log_probs, _ = self.actor(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
         surrogate, is_clipped = clipped_surrogate(log_probs, mb["log_probs"], mb["advantages"][:, None],
-                                                  self.eps_clip, self.eps_clip_high, resp_mask)
-        policy_loss = aggregate_loss(surrogate, resp_mask, self.loss_aggregation, rollout.max_new_tokens, normalizers)
+                                                  c.eps_clip, c.eps_clip_high, resp_mask)
+        policy_loss = aggregate_loss(surrogate, resp_mask, c.loss_aggregation, rollout.max_new_tokens, normalizers)
         # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
         approx_kl = kl_penalty(mb["log_probs"], log_probs.detach(), "k3", resp_mask)
         diagnostics = dict(policy_loss=policy_loss, clip_fraction=token_mean(is_clipped.float(), resp_mask, tokens),
                            approx_kl=token_mean(approx_kl, resp_mask, tokens))
-        if self.beta > 0 and self.kl_in == "loss":  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
+        if c.beta > 0 and c.kl_in == "loss":  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
             diagnostics["kl_loss"] = aggregate_loss(kl_penalty(log_probs, mb["ref_log_probs"], "k3", resp_mask), resp_mask,
-                                                    self.loss_aggregation, rollout.max_new_tokens, normalizers)
-            return policy_loss + self.beta * diagnostics["kl_loss"], diagnostics
+                                                    c.loss_aggregation, rollout.max_new_tokens, normalizers)
+            return policy_loss + c.beta * diagnostics["kl_loss"], diagnostics
         return policy_loss, diagnostics
 
-    def clip_gradients(self):
-        if self.max_norm is not None:
-            self.accelerator.clip_grad_norm_(self.unwrapped.actor_parameters(), self.max_norm)
-
-    def step(self, max_seq_len: int, prompts_per_step: int = 8, temperature: float = 1.0):
-        """One iteration on `prompts_per_step` prompts drawn for this process, `group_size` responses
-        to each -> (diagnostics, rollout)."""
-        prompts, generator = self.draw_prompts(prompts_per_step)
+    def step(self, max_seq_len: int | None = None, prompts_per_step: int | None = None, temperature: float | None = None):
+        """One iteration on `prompts_per_step` prompts (the config's by default) drawn for this
+        process, `group_size` responses to each -> (diagnostics, rollout)."""
+        prompts, generator = self.draw_prompts(prompts_per_step or self.config.prompts_per_step)
         rollout, stats = self.rollout(prompts, max_seq_len, temperature, generator=generator)
         stats.update(self.learn(rollout))
         return self.reduce_stats(stats), rollout
 
-    def train(self, num_episodes: int = 1024, max_seq_len: int = 64, prompts_per_step: int = 8,
-              temperature: float = 1.0, callback=None) -> list[dict]:
-        """Training on `num_episodes` sampled responses (one episode = one prompt and its response),
-        in iterations of `prompts_per_step` x `group_size`. `callback(iteration, stats, rollout)`
-        runs after each. Returns the diagnostics of every iteration."""
-        iterations = max(1, math.ceil(num_episodes / (prompts_per_step * self.group_size)))
-        return self.run_iterations(iterations, self.estimator, callback, max_seq_len=max_seq_len,
+    def train(self, num_episodes: int | None = None, max_seq_len: int | None = None, prompts_per_step: int | None = None,
+              temperature: float | None = None, callback=None) -> list[dict]:
+        """Training on `num_episodes` sampled responses (one episode = one prompt and its response; by
+        default the config's iterations x prompts_per_step x group_size), in iterations of
+        `prompts_per_step` x `group_size`. `callback(iteration, stats, rollout)` runs after each.
+        Returns the diagnostics of every iteration."""
+        prompts_per_step = prompts_per_step or self.config.prompts_per_step
+        per_iteration = prompts_per_step * self.config.group_size
+        iterations = self.config.iterations if num_episodes is None else max(1, math.ceil(num_episodes / per_iteration))
+        return self.run_iterations(iterations, self.config.estimator, callback, max_seq_len=max_seq_len,
                                    prompts_per_step=prompts_per_step, temperature=temperature)

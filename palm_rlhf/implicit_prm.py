@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palm_rlhf.palm import PaLM
+from palm_rlhf.model import PaLM, eval_mode
 
 
 def implicit_prm_loss(outcome_rewards: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,9 +49,7 @@ class ImplicitPRM(nn.Module):
                              "(PaLM-rlhf-pytorch's default, a copy of the model, is the same thing)")
         self.palm, self.beta, self.scope = palm, beta, scope
         palm.add_finetune_params(scope, lora_r=lora_r)
-        for name, param in palm.named_parameters():
-            if not name.startswith("finetune_modules."):
-                param.requires_grad_(False)
+        palm.freeze_base()
 
     def finetune_parameters(self) -> list:
         return self.palm.finetune_parameters(self.scope)
@@ -61,12 +59,10 @@ class ImplicitPRM(nn.Module):
         if mask is None:
             mask = seq != self.palm.pad_id
         rewarded = mask if prompt_mask is None else mask & ~prompt_mask
-        was_training = self.palm.training
-        self.palm.eval()
-        log_probs = self.palm.log_probs(seq, mask, finetune_scope=self.scope)
-        with torch.no_grad():
-            ref_log_probs = self.palm.log_probs(seq, mask, disable_lora=True)
-        self.palm.train(was_training)
+        with eval_mode(self.palm):
+            log_probs = self.palm.log_probs(seq, mask, finetune_scope=self.scope)
+            with torch.no_grad():
+                ref_log_probs = self.palm.log_probs(seq, mask, disable_lora=True)
         return self.beta * (log_probs - ref_log_probs) * rewarded[:, 1:]
 
     def score(self, seq, prompt_mask=None, mask=None) -> torch.Tensor:

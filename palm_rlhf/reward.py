@@ -31,19 +31,17 @@ Choices, and where they come from:
 Sequences: [EOS] + prompt tokens + response tokens + [EOS], `prompt_mask` True on [EOS] + prompt.
 """
 import copy
-import hashlib
-import json
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from palm_rlhf.compat import REWARD_MODEL, upstream_keywords
-from palm_rlhf.palm import PaLM, eval_mode
-from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer
+from palm_rlhf import checkpoint
+from palm_rlhf.config import SettingError, check_settings, setting, with_settings
+from palm_rlhf.model import PaLM, eval_mode
+from palm_rlhf.tokenizer import PAD_ID, ByteTokenizer, pad
 
 # ---------------------------------------------------------------------------------------------------
 # losses and the scalar reward
@@ -87,6 +85,12 @@ def expected_rating(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1) @ stars
 
 
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """How often the chosen side scores higher, (b,) each; a tie counts half, so a scorer that cannot
+    tell the sides apart (a policy equal to its reference, for DPO's implicit reward) scores 0.5."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last True in each row of mask (b, n) -> (b,): where the score is read."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -121,7 +125,7 @@ def encode_reward_input(prompt: str, response: str, max_len: int | None = None, 
     scores a sampled response that reached the length limit. `tokenizer`: bytes by default.
     """
     tokenizer = tokenizer or ByteTokenizer()
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt).tolist()]
+    prompt_ids = tokenizer.encode_prompt(prompt).tolist()
     response_ids = tokenizer.encode(response).tolist()
     if max_len is not None:
         if len(prompt_ids) + 1 >= max_len:
@@ -134,31 +138,32 @@ def encode_reward_input(prompt: str, response: str, max_len: int | None = None, 
 
 def pad_right(seqs: list, prompt_masks: list, pad_id: int = PAD_ID) -> tuple:
     """Lists of 1-D (seq, prompt_mask) -> right-padded seq, prompt_mask, mask, each (b, n)."""
-    n = max(len(s) for s in seqs)
-    seq = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, prompt_masks)):
-        seq[i, : len(s)], prompt_mask[i, : len(s)], mask[i, : len(s)] = s, p, True
-    return seq, prompt_mask, mask
+    seq, mask = pad(seqs, pad_id)
+    prompt_mask, _ = pad([p.long() for p in prompt_masks], 0)
+    return seq, prompt_mask.bool(), mask
 
 
 # ---------------------------------------------------------------------------------------------------
 # the model
 
 
-def base_checksum(palm: PaLM) -> str:
-    """SHA-256 of the base weights (every tensor outside the fine-tune scopes), in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(palm.state_dict().items()):
-        if not name.startswith("finetune_modules."):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+@dataclass
+class RewardConfig:
+    """The reward model train_reward.py trains, and its defaults: `RewardModel.from_config(palm)` is it.
+    (RewardModel's own keywords keep PaLM-rlhf-pytorch's defaults, a LoRA scope.)"""
+
+    mode: str = setting("pairwise", "pairwise (scalar, Bradley-Terry) or binned (K-way rating classifier)", choices=("pairwise", "binned"))
+    num_bins: int = setting(5, "rating bins (stars) of the binned head", at_least=2)
+    lora_r: int = setting(8, "LoRA rank of the reward scope (with --finetune_last_n_layers none)", at_least=1)
+    finetune_last_n_layers: int | None = setting(3, "tune copies of the last N layers; 'none' tunes a LoRA scope of rank --lora_r instead", at_least=1)
+    pool: str = setting("mean", "where the score is read: mean (over all real tokens) or eos (the final EOS)", choices=("mean", "eos"))
+    dropout: float = setting(0.1, "dropout on the pooled embedding before the head", at_least=0, at_most=1)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 class RewardModel(nn.Module):
-    @upstream_keywords(REWARD_MODEL)
     def __init__(
         self,
         palm: PaLM,
@@ -195,15 +200,23 @@ class RewardModel(nn.Module):
         elif use_lora:
             palm.add_finetune_params(reward_lora_scope, lora_r=lora_r)
         if tunes_scope:  # freeze the base only: other roles' scopes on the same PaLM stay as they are
-            for name, param in palm.named_parameters():
-                if not name.startswith("finetune_modules."):
-                    param.requires_grad_(False)
+            palm.freeze_base()
 
         dim = palm.dim
         self.prompt_embed = nn.Parameter(torch.zeros(dim, device=palm.device))
         self.response_embed = nn.Parameter(torch.zeros(dim, device=palm.device))
         self.dropout = nn.Dropout(dropout)
         self.to_pred = nn.Linear(dim, max(1, num_binned_output), device=palm.device)
+
+    @classmethod
+    def from_config(cls, palm: PaLM, config: RewardConfig | None = None, **settings) -> "RewardModel":
+        """The reward model `config` describes (default RewardConfig(), train_reward.py's), on `palm`."""
+        c = with_settings(config or RewardConfig(), settings, "RewardModel.from_config")
+        if c.finetune_last_n_layers is not None and c.finetune_last_n_layers > len(palm.layers):
+            raise SettingError("finetune_last_n_layers", c.finetune_last_n_layers,
+                               f"the PaLM has {len(palm.layers)} layers: pass at most {len(palm.layers)}, or none for a LoRA scope")
+        return cls(palm, num_binned_output=c.num_bins if c.mode == "binned" else 0, lora_r=c.lora_r,
+                   finetune_last_n_layers=c.finetune_last_n_layers, dropout=c.dropout, pool=c.pool)
 
     def finetune_parameters(self) -> list:
         """What the optimizer trains: head, segment embeddings, and the scope (or the whole PaLM)."""
@@ -271,56 +284,15 @@ class RewardModel(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def reward_state_dict(self) -> dict:
-        """The reward model's own tensors: head, segment embeddings and its scope. (With the whole
-        PaLM fine-tuned, the tuned PaLM is the base that `save` writes beside them.)"""
-        scope = f"palm.finetune_modules.{self.scope}."
-        return {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()
-                if not name.startswith("palm.") or (self.scope and name.startswith(scope))}
-
     def save(self, directory) -> Path:
-        """directory/reward.safetensors (head, segment embeddings, scope), directory/base (the base
-        PaLM, loadable with PaLM.from_pretrained) and directory/config.json (with the base's checksum)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        base = base_palm(self.palm)
-        base.save(directory / "base")
-        save_file(self.reward_state_dict(), str(directory / "reward.safetensors"))
-        config = dict(self.args, base_checksum=base_checksum(self.palm))
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        return directory
+        """`checkpoint.save_reward_model`: the head, segment embeddings and scope, the base beside them."""
+        return checkpoint.save_reward_model(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, palm: PaLM | None = None, scope: str | None = None) -> "RewardModel":
-        """Loads a saved reward model. With `palm`, attaches the saved scope and head to it after
-        checking its base weights are the ones the reward model was trained on; without, builds
-        the whole model from the saved base. `scope`: the name its scope takes on `palm` (default
-        the saved one), so that several reward models can share one base."""
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"no reward model at {directory} (expected config.json, written by RewardModel.save)")
-        config = json.loads((directory / "config.json").read_text())
-        config.setdefault("pool", "eos")  # saved before `pool` existed, when the EOS was the only read-out
-        if palm is None:
-            palm = PaLM.from_pretrained(directory / "base")
-        elif base_checksum(palm) != config["base_checksum"]:
-            raise ValueError(
-                f"the reward model in {directory} was trained on another base PaLM (base weights checksum "
-                f"{config['base_checksum'][:12]}..., the given PaLM's {base_checksum(palm)[:12]}...); pass the "
-                "PaLM it was trained on, or palm=None to load the base saved with it"
-            )
-        saved_scope = config["reward_lora_scope"]
-        if scope is not None:
-            config["reward_lora_scope"] = scope
-        model = cls(palm, **{k: v for k, v in config.items() if k != "base_checksum"})
-        saved = load_file(str(directory / "reward.safetensors"), device=str(palm.device))
-        old, new = f"palm.finetune_modules.{saved_scope}.", f"palm.finetune_modules.{config['reward_lora_scope']}."
-        saved = {new + k[len(old):] if k.startswith(old) else k: v for k, v in saved.items()}
-        missing = sorted(set(model.reward_state_dict()) - set(saved))
-        if missing:
-            raise ValueError(f"{directory / 'reward.safetensors'} lacks {missing[:5]}")
-        model.load_state_dict(saved, strict=False)
-        return model.eval()
+        """`checkpoint.load_reward_model`: onto `palm` (its base checked by checksum) under `scope`, or
+        onto the base saved with it; in eval mode."""
+        return checkpoint.load_reward_model(cls, directory, palm, scope, palm_class=PaLM)
 
 
 class RewardEnsemble(nn.Module):
@@ -379,11 +351,3 @@ class RewardEnsemble(nn.Module):
 
     forward = score
 
-
-def base_palm(palm: PaLM) -> PaLM:
-    """A copy of `palm` without its fine-tune scopes (on CPU), for saving the base alone."""
-    base = PaLM.from_config(replace(palm.config, finetune_scopes={}))
-    state = {k: v for k, v in palm.state_dict().items() if not k.startswith("finetune_modules.")}
-    base.load_state_dict(state)
-    base.tokenizer = palm.tokenizer
-    return base

@@ -8,7 +8,7 @@ skill that grows with training (carries are the hard part), and an answer that i
   held-out buckets, so 37+48 and 48+37 always share a split and no held-out problem, nor its
   commuted twin, can appear in the fine-tuning or RL data.
 - Format: the sequence is [EOS] prompt answer [EOS]; the leading EOS is the begin-of-document token
-  that text prompts get everywhere else in the library (palm_rlhf.ppo.prompt_list).
+  that text prompts get everywhere else in the library (the tokenizers' encode_prompt).
 - Scorer: `score_answer` is 1 when the response, stripped of surrounding whitespace, is the answer.
 - pass@k: the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on
   Code", eq. 1) from n samples per problem of which c are correct, averaged over problems.
@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 
 from palm_rlhf.data import stable_bucket
-from palm_rlhf.palm import PaLM, left_pad
-from palm_rlhf.tokenizer import ByteTokenizer
+from palm_rlhf.model import PaLM
+from palm_rlhf.tokenizer import ByteTokenizer, pad
 
 HELDOUT_BUCKETS = 10  # of 100: 10 % of the problems are held out
 
@@ -71,17 +71,11 @@ def encode_examples(problems: list[Problem], tokenizer=None):
     """Right-padded SFT sequences [EOS] prompt answer [EOS] -> seq (b, n) and answer_mask (b, n),
     True at the answer's tokens and its closing EOS: the tokens the fine-tuning loss learns."""
     tokenizer = tokenizer or ByteTokenizer()
-    rows, masks = [], []
-    for p in problems:
-        prompt, answer = tokenizer.encode(p.prompt), tokenizer.encode(p.answer, add_eos=True)
-        rows.append(torch.cat((torch.tensor([tokenizer.eos_id]), prompt, answer)))
-        masks.append(torch.arange(len(rows[-1])) > len(prompt))
-    n = max(len(r) for r in rows)
-    seq = torch.full((len(rows), n), tokenizer.pad_id, dtype=torch.long)
-    answer_mask = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        seq[i, : len(row)], answer_mask[i, : len(row)] = row, mask
-    return seq, answer_mask
+    prompts = [tokenizer.encode_prompt(p.prompt) for p in problems]
+    answers = [tokenizer.encode(p.answer, add_eos=True) for p in problems]
+    seq, _ = pad([torch.cat((prompt, answer)) for prompt, answer in zip(prompts, answers)], tokenizer.pad_id)
+    answer_mask, _ = pad([[0] * len(prompt) + [1] * len(answer) for prompt, answer in zip(prompts, answers)], 0)
+    return seq, answer_mask.bool()
 
 
 def answer_loss(palm: PaLM, seq: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -143,8 +137,7 @@ def count_correct(palm: PaLM, problems: list[Problem], num_samples: int, tempera
     correct = []
     for start in range(0, len(problems), per_batch):
         batch = problems[start : start + per_batch]
-        prompt, prompt_mask = left_pad([torch.cat((torch.tensor([tokenizer.eos_id]), tokenizer.encode(p.prompt)))
-                                        for p in batch], palm.pad_id)
+        prompt, prompt_mask = pad([tokenizer.encode_prompt(p.prompt) for p in batch], palm.pad_id, side="left")
         tokens = palm.generate(prompt.shape[1] + max_new_tokens, prompt=prompt.to(palm.device),
                                prompt_mask=prompt_mask.to(palm.device), temperature=temperature,
                                eos_token=tokenizer.eos_id, generator=generator, finetune_scope=finetune_scope,

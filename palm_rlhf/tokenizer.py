@@ -10,6 +10,9 @@ BPE: trained on a corpus in seconds (`train_bpe`, `python train_tokenizer.py`), 
 EOS are the tokenizer's own special tokens, never a byte value.
 
 A model folder holds `tokenizer.json` beside `config.json`; a folder without one speaks bytes.
+
+Batches: `encode_prompt` is how every stage turns a prompt into ids (EOS, the begin-of-document
+token, then the text), and `pad` is the one padding of token sequences into a (b, n) batch.
 """
 import hashlib
 import json
@@ -32,7 +35,32 @@ def ids_before_eos(ids, eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-class ByteTokenizer:
+def pad(sequences: list, pad_id: int, side: str = "right"):
+    """1-D token sequences (tensors or lists) -> a (b, n) long tensor, padded with `pad_id` on `side`
+    ("left": the last token of every row is real, as decoding reads it; "right": every row starts at
+    position 0), and its mask (b, n), True at the real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    sequences = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    n = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), n, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        where = slice(n - len(s), n) if side == "left" else slice(0, len(s))
+        out[i, where], mask[i, where] = s, True
+    return out, mask
+
+
+class PromptEncoding:
+    """What both tokenizers share: a prompt as the model reads one."""
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """[EOS] + the text's ids: EOS doubles as the begin-of-document token, as between documents
+        in pretraining, so a prompt starts where a document does."""
+        return torch.cat((torch.tensor([self.eos_id]), self.encode(text)))
+
+
+class ByteTokenizer(PromptEncoding):
     pad_id = PAD_ID
     eos_id = EOS_ID
     num_tokens = vocab_size = NUM_TOKENS
@@ -58,7 +86,7 @@ class ByteTokenizer:
         return path
 
 
-class BPETokenizer:
+class BPETokenizer(PromptEncoding):
     """A `tokenizers.Tokenizer` (byte-level BPE) with our PAD and EOS; `vocab_size` counts them."""
 
     def __init__(self, tokenizer):

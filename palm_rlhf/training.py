@@ -1,50 +1,46 @@
-"""Helpers shared by the train_*.py scripts: the Accelerator, config, schedule, checkpoints, metrics, plots.
-
-Checkpoint layout (one resumable checkpoint per run, replaced as training goes):
-    run_dir/checkpoint/model.safetensors   the unwrapped model's weights (shared tensors stored once)
-    run_dir/checkpoint/config.json         the `config` dict given (pass the model's config so
-                                           PaLM.from_pretrained can read the folder)
-    run_dir/checkpoint/trainer_state.pt    step, extra, optimizer, scheduler, every process's RNGs;
-                                           loads with torch.load(weights_only=True)
-    run_dir/checkpoint/sharded/            ZeRO or FSDP only: each process's part of the weights and
-                                           the optimizer state (Accelerate's save_state), which then
-                                           replaces the optimizer in trainer_state.pt
-A script saves its finished model the same way to run_dir/final. A save writes a temporary folder
-and swaps it in only when complete, so a crash mid-save leaves the previous checkpoint readable.
+"""What the train_*.py scripts share: the Accelerator, the learning-rate schedule, metrics and
+samples logs, plots, and `Run`, the scaffolding of a script's loop (resume, trackers, Ctrl-C,
+resumable checkpoints, the final save, the plot), so that each script shows its own loop.
 
 metrics.csv is in long format, one `step,key,value` row per metric: new keys need no new header,
 and a resumed run just appends (readers keep the last value written for each step and key).
 """
-import argparse
-import copy
 import dataclasses
 import json
 import math
 import os
-import random
-import shlex
-import shutil
 import signal
-import sys
-import types
-import typing
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (  # noqa: F401 (set_seed is re-exported)
-    DistributedType,
     InitProcessGroupKwargs,
     extract_model_from_parallel,
     gather_object,
     set_seed,
 )
-from safetensors.torch import load_model
+from tqdm.auto import tqdm
 
-from palm_rlhf.palm import PaLM, save_state_dict, weights_sharded
+from palm_rlhf.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, weights_sharded, write_run_record
+from palm_rlhf.model import PaLM, PaLMConfig
 
 # set_seed(seed) is accelerate's: it seeds python, numpy and torch (and CUDA) in one call.
+
+
+def load_lm(path: str, preset: str | None = None, needs_tokenizer: bool = True) -> PaLM:
+    """The LM in `path` (train_lm.py's final folder) with its tokenizer; with `preset`, the path
+    "none" gives a fresh PaLM of that size instead. A missing folder names the script that makes it."""
+    if preset is not None and str(path).lower() == "none":
+        return PaLM.from_config(PaLMConfig.from_name(preset))
+    if not Path(path).is_dir():
+        fresh = ", or pass --lm_checkpoint none to start from a fresh PaLM" if preset is not None else ""
+        raise SystemExit(f"--lm_checkpoint {path}: no such folder; run train_lm.py first{fresh}")
+    palm = PaLM.from_pretrained(path)
+    if needs_tokenizer and palm.tokenizer is None:
+        raise SystemExit(f"--lm_checkpoint {path}: its {palm.num_tokens}-token vocabulary came without a tokenizer.json; "
+                         "save the LM with its tokenizer (palm.tokenizer = ...; palm.save(...))")
+    return palm
 
 
 # processes
@@ -59,6 +55,8 @@ def make_accelerator(micro_batch_size: int, max_grad_norm: float, **kwargs) -> A
     Without a GPU, DeepSpeed's processes talk over gloo: Accelerate picks the backend from the
     device and has none for DeepSpeed on CPU, so each process would count itself alone while ZeRO
     shards over all."""
+    if not torch.cuda.is_available():  # DeepSpeed, when installed, would warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
@@ -74,55 +72,6 @@ def make_accelerator(micro_batch_size: int, max_grad_norm: float, **kwargs) -> A
         config["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
         config["gradient_clipping"] = max_grad_norm
     return accelerator
-
-
-# configuration
-
-
-def parse_config(config_class, argv=None):
-    """An instance of the dataclass `config_class` from command-line arguments.
-
-    Every field becomes `--name` (underscores stay underscores) with its default and the help text
-    of `field(metadata={"help": ...})`; bools become `--name/--no-name`; `Optional[T]` fields also
-    accept `none`. argparse reports unknown arguments and values of the wrong type.
-    """
-    parser = argparse.ArgumentParser(
-        description=(config_class.__doc__ or "").strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    types = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        default = field.default
-        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        options = dict(default=default, help=field.metadata.get("help", " "))
-        if default is dataclasses.MISSING:
-            options = dict(required=True, help=options["help"])
-        field_type = types[field.name]
-        if field_type is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            options["type"] = _argument_parser(field_type, field.name)
-        parser.add_argument(f"--{field.name}", **options)
-    return config_class(**vars(parser.parse_args(argv)))
-
-
-def _argument_parser(field_type, name):
-    """A function from a command-line string to `field_type` (int, float, str, or Optional of one)."""
-    arguments = [t for t in typing.get_args(field_type) if t is not type(None)]
-    is_union = typing.get_origin(field_type) in (typing.Union, types.UnionType)
-    is_optional = is_union and len(arguments) == 1
-    base_type = arguments[0] if is_optional else field_type
-    if base_type not in (int, float, str):
-        raise TypeError(f"config field {name!r}: type {field_type} is not supported on the command line")
-
-    def parse(text):
-        if is_optional and text.lower() == "none":
-            return None
-        return base_type(text)
-
-    parse.__name__ = base_type.__name__  # argparse names the type in its error message
-    return parse
 
 
 # learning-rate schedule
@@ -144,147 +93,9 @@ def lr_lambda_warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: floa
     return multiplier
 
 
-# checkpoints
 
 
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    return dict(
-        python=random.getstate(),
-        # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses; lists load
-        numpy=[numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    )
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(directory, *, accelerator=None, model, optimizer=None, scheduler=None,
-                    step: int, extra: dict = None, config: dict = None) -> Path:
-    """Save a resumable checkpoint to `directory` (layout in the module docstring).
-
-    Call it on every process: each contributes its RNG state, only the main process writes, and
-    all return once the checkpoint is complete. `accelerator=None` means a single process.
-    The weights are gathered whole (FSDP, ZeRO-3). The optimizer state is the main process's, the
-    whole of it for one process or DDP; where each process holds only its part (ZeRO, FSDP), every
-    process writes its part with Accelerate's save_state to directory/sharded instead.
-    """
-    directory = Path(directory)
-    state = accelerator or PartialState()
-    rng_states = gather_object([_rng_state()])  # one per process, so each resumes its own stream
-    weights = full_state_dict(accelerator, model)
-    temporary = directory.with_name(directory.name + ".tmp")
-    sharded = optimizer_sharded(accelerator)
-    if state.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        (temporary / "sharded" if sharded else temporary).mkdir(parents=True)
-    if sharded:  # the folder exists before any process writes its part, and moves only once all have
-        state.wait_for_everyone()
-        accelerator.save_state(str(temporary / "sharded"))
-        state.wait_for_everyone()
-    if state.is_main_process:
-        save_state_dict(weights, temporary / "model.safetensors", extract_model_from_parallel(model))
-        (temporary / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
-        trainer_state = dict(
-            step=step,
-            extra=extra or {},
-            optimizer=optimizer.state_dict() if optimizer and not sharded else None,
-            scheduler=scheduler.state_dict() if scheduler else None,
-            rng=rng_states,
-        )
-        torch.save(trainer_state, temporary / "trainer_state.pt")
-        _swap_in(temporary, directory)
-    state.wait_for_everyone()
-    return directory
-
-
-def optimizer_sharded(accelerator) -> bool:
-    """Whether each process holds only its part of the optimizer state (DeepSpeed ZeRO, FSDP)."""
-    return accelerator is not None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-def full_state_dict(accelerator, model) -> dict:
-    """The unwrapped model's whole state dict. Call it on every process: under FSDP or ZeRO-3 it
-    gathers the shards (Accelerate's get_state_dict), so only the main process's copy is complete."""
-    if accelerator is None:
-        return extract_model_from_parallel(model).state_dict()
-    return accelerator.get_state_dict(model)
-
-
-def whole_copy(accelerator, prepared, palm: PaLM) -> PaLM:
-    """A copy of `palm` (the model `prepared` by Accelerate, or the PaLM inside it) that holds all its
-    weights, to merge, sample from or save on one process. Sharded weights (ZeRO-3, FSDP) are
-    gathered: call it on every process then; the main process's copy is the whole one."""
-    if not weights_sharded(palm):
-        return copy.deepcopy(palm)
-    weights = full_state_dict(accelerator, prepared)
-    prefix = next(name for name, module in extract_model_from_parallel(prepared).named_modules() if module is palm)
-    prefix = prefix + "." if prefix else ""
-    whole = PaLM.from_config(palm.config)
-    whole.tokenizer = palm.tokenizer
-    if accelerator.is_main_process:
-        whole.load_state_dict({name.removeprefix(prefix): value for name, value in weights.items()
-                               if name.startswith(prefix)})
-    return whole
-
-
-def _swap_in(temporary: Path, directory: Path) -> None:
-    # a folder cannot be renamed over a non-empty one, so the old one steps aside first;
-    # load_checkpoint reads the aside copy if a crash falls between the two renames
-    aside = directory.with_name(directory.name + ".old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, aside)
-    os.replace(temporary, directory)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def checkpoint_exists(directory) -> bool:
-    """Whether `directory` (or the copy a crash mid-save left aside) holds a complete checkpoint."""
-    return _readable_checkpoint(Path(directory)) is not None
-
-
-def _readable_checkpoint(directory: Path):
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / "trainer_state.pt").is_file():
-            return candidate
-    return None
-
-
-def load_checkpoint(directory, *, model, optimizer=None, scheduler=None, accelerator=None) -> dict:
-    """Restore a checkpoint written by save_checkpoint; returns dict(step, extra).
-
-    Loads the weights into the unwrapped model, the optimizer and scheduler states when given, and
-    this process's RNG states (process i takes the i-th saved, modulo the saved count). A checkpoint
-    whose optimizer state was saved in parts (ZeRO, FSDP) needs `accelerator`, after `prepare`:
-    Accelerate's load_state gives each process its part of the weights and the optimizer state.
-    """
-    found = _readable_checkpoint(Path(directory))
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    trainer_state = torch.load(found / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if (found / "sharded").is_dir():
-        if not optimizer_sharded(accelerator):
-            raise ValueError(f"{found} holds its optimizer state in parts (ZeRO or FSDP): resume it under the same "
-                             "engine and number of processes, loading after accelerator.prepare")
-        accelerator.load_state(str(found / "sharded"))
-    else:
-        load_model(extract_model_from_parallel(model), str(found / "model.safetensors"))
-        if optimizer is not None:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_states = trainer_state["rng"]
-    _set_rng_state(rng_states[PartialState().process_index % len(rng_states)])
-    return dict(step=trainer_state["step"], extra=trainer_state["extra"])
+# checks
 
 
 def check_in_sync(accelerator, model) -> None:
@@ -331,15 +142,6 @@ class GracefulStop:
         """Whether any process was asked to stop; all processes get the same answer, so they stop together."""
         flag = torch.tensor(float(self.requested), device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum") > 0)
-
-
-def write_run_record(directory, config) -> Path:
-    """directory/run.json: the command that made the folder's model and its whole config, so that a
-    figure measured on the model later (evaluate.py) can name exactly what made it."""
-    command = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
-    path = Path(directory) / "run.json"
-    path.write_text(json.dumps(dict(command=command, config=dataclasses.asdict(config)), indent=2, default=str))
-    return path
 
 
 # metrics
@@ -450,3 +252,97 @@ def plot_metrics(csv_path, png_path, keys_by_panel) -> Path:
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
     return Path(png_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a script's run
+
+
+class Run:
+    """One script's run in cfg.out_dir, around the loop the script writes itself:
+
+        run = Run(cfg, accelerator, name="lm", total=cfg.steps, model=palm, optimizer=optimizer)
+        for step in run:                    # from the step a --resume starts at
+            ...                             # the script's own work
+            run.log(step + 1, loss=loss)
+        run.finish(save_final)              # checkpoint, final model, run.json, plot
+
+    It resumes from out_dir/checkpoint with --resume (the model, optimizer and scheduler, and what
+    `extra_state()` saved, in `run.resumed`), starts the trackers and metrics.csv, saves a resumable
+    checkpoint every cfg.checkpoint_every steps and at the step boundary after Ctrl-C or SIGTERM
+    (then exits with status 130), and at the end checks that the processes' copies agree, saves the
+    last checkpoint, calls `save_final(final_dir)` on every process, writes run.json and the plot,
+    and ends the run (trackers closed, the process group destroyed)."""
+
+    def __init__(self, cfg, accelerator, *, name: str, total: int, model, optimizer=None, scheduler=None,
+                 extra_state=dict, checkpoint_config: dict | None = None, plot: list | None = None, unit: str = "step",
+                 plot_file: str | None = None):
+        """plot: panels of metrics.csv keys for out_dir/`plot_file` (default <name>.png); unit: what the
+        loop counts, in its messages (steps; the RL scripts' iterations)."""
+        self.cfg, self.accelerator, self.name, self.total, self.unit = cfg, accelerator, name, total, unit
+        self.model, self.optimizer, self.scheduler, self.extra_state = model, optimizer, scheduler, extra_state
+        self.checkpoint_config = checkpoint_config or dataclasses.asdict(cfg)
+        self.plot_panels, self.plot_file = plot, plot_file or f"{name}.png"
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoint"
+        self.start, self.resumed = 0, None
+        if cfg.resume:
+            if not checkpoint_exists(self.checkpoint_dir):
+                raise SystemExit(f"--resume: no checkpoint in {self.checkpoint_dir}; start without --resume")
+            state = load_checkpoint(self.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    accelerator=accelerator)
+            self.start, self.resumed = state["step"], state["extra"]
+            accelerator.print(f"resumed at {unit} {self.start}")
+        init_trackers(accelerator, f"palm_rlhf_{name}", dataclasses.asdict(cfg))
+        self.metrics = MetricsLogger(self.out_dir, accelerator, resume=cfg.resume)
+        self.stop = GracefulStop()
+        self.progress = None
+
+    def __iter__(self):
+        self.progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total,
+                             desc=f"train_{self.name}", disable=not self.accelerator.is_main_process)
+        for step in self.progress:
+            yield step
+            done = step + 1
+            if self.stop.requested_on_any(self.accelerator):
+                self.save(done)
+                self.accelerator.print(f"\nstopped at {self.unit} {done}; checkpoint in {self.checkpoint_dir}; continue with --resume")
+                raise SystemExit(130)
+            if done % self.cfg.checkpoint_every == 0 and done < self.total:
+                self.save(done)
+
+    def log(self, step: int, **metrics) -> None:
+        self.metrics.log(step, **metrics)
+
+    def check_loss(self, loss, step: int) -> None:
+        """Stops the run on a NaN or infinite loss (reduce it over processes first), the last good checkpoint intact."""
+        check_finite(loss, step, hint=f"stopped; the last good checkpoint in {self.checkpoint_dir} is intact")
+
+    def postfix(self, **values) -> None:
+        """Shows `values` beside the progress bar."""
+        if self.progress is not None:
+            self.progress.set_postfix({k: f"{float(v):.3f}" for k, v in values.items()})
+
+    def write(self, text: str) -> None:
+        """Prints `text` on the main process without breaking the progress bar."""
+        if self.accelerator.is_main_process:
+            (self.progress.write if self.progress is not None else print)(text)
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.checkpoint_dir, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, step=step, extra=self.extra_state(), config=self.checkpoint_config)
+
+    def finish(self, save_final) -> Path:
+        """The end of the run; `save_final(directory)` runs on every process (sharded weights are
+        gathered by all of them) and writes on the main one. Returns the final folder."""
+        check_in_sync(self.accelerator, self.model)
+        self.save(self.total)
+        final = self.out_dir / "final"
+        save_final(final)
+        if self.accelerator.is_main_process:
+            write_run_record(final, self.cfg)
+            if self.plot_panels:
+                plot_metrics(self.out_dir / "metrics.csv", self.out_dir / self.plot_file, self.plot_panels)
+        self.accelerator.wait_for_everyone()  # all leave together, once the main process has written
+        self.accelerator.end_training()
+        return final

@@ -52,7 +52,7 @@ def tiny_palm() -> PaLM:
 def ppo_trainer(accelerator=None, **kwargs) -> RLHFTrainer:
     torch.manual_seed(1)  # the adapters' init
     kwargs = dict(dict(reward_fn=count_e, prompt_token_ids=PROMPTS, tokenizer=NoEOS(), epochs=1, minibatch_size=BATCH,
-                       max_norm=1.0, seed=SEED, **KL), **kwargs)
+                       max_grad_norm=1.0, seed=SEED, **KL), **kwargs)
     return RLHFTrainer(palm=tiny_palm(), accelerator=accelerator, **kwargs)
 
 
@@ -70,8 +70,8 @@ KTO_LOG_RATIOS = torch.tensor([[-3.0, -1.0, -2.0, -0.5], [1.0, 2.5, 0.5, 1.5]]) 
 def gradient_trainer(case: str, accelerator=None, **kwargs):
     """The trainer of one invariance case, without clipping (the gradient itself is compared)."""
     if case == "ppo":
-        return ppo_trainer(accelerator, max_norm=None, minibatch_size=2 * BATCH, **kwargs)
-    return grpo_trainer(accelerator, max_norm=None, beta=0.1, kl_in="loss", minibatch_size=2 * BATCH,
+        return ppo_trainer(accelerator, max_grad_norm=0, minibatch_size=2 * BATCH, **kwargs)
+    return grpo_trainer(accelerator, max_grad_norm=0, beta=0.1, kl_in="loss", minibatch_size=2 * BATCH,
                         **GRADIENT_CASES[case], **kwargs)
 
 

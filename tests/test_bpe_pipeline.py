@@ -15,7 +15,8 @@ import torch
 from palm_rlhf import PaLM, data
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import BPETokenizer, load_tokenizer
-from palm_rlhf.training import parse_config, read_metrics
+from palm_rlhf.config import parse_config
+from palm_rlhf.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 320

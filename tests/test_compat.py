@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from palm_rlhf import ActorCritic, ImplicitPRM, PaLM, RewardModel, RLHFTrainer
-from palm_rlhf.palm import top_k_top_p_filter
+from palm_rlhf.generate import top_k_top_p_filter
 
 SHAPE = dict(dim=32, depth=2, heads=2, dim_head=16)
 
@@ -143,8 +143,9 @@ def test_rlhf_trainer_takes_the_seed_keywords():
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [3e-4, 2e-4]
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.2]
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
-    assert (trainer.max_norm, trainer.minibatch_size, trainer.epochs) == (0.5, 4, 2)
-    assert (trainer.kl.beta, trainer.entropy_coef, trainer.eps_clip, trainer.value_clip) == (0.07, 0.01, 0.3, 0.5)
+    c = trainer.config
+    assert (c.max_grad_norm, c.minibatch_size, c.epochs) == (0.5, 4, 2)
+    assert (trainer.kl.beta, c.entropy_coef, c.eps_clip, c.value_clip) == (0.07, 0.01, 0.3, 0.5)
     # the zero padding is dropped (pad_value=0, this vocabulary's pad), token 256 is a real token
     assert [p.tolist() for p in trainer.prompts] == [[11, 256, 12], [13, 14, 15, 16, 17]]
 

@@ -10,7 +10,7 @@ from test_multiprocess_scripts import DPO, GRPO, LM, PPO, REWARD
 from test_train_ppo import checkpoints  # noqa: F401 (the tiny LM and reward model, a fixture)
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.palm import flash_attn_available
+from palm_rlhf.model import flash_attn_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -148,7 +148,8 @@ def kto_from_pairs(pairs):
 
 def make_trainer(method, palm=None, **overrides):
     train = synthetic_pairs(48, seed=0)
-    options = dict(palm=palm or tiny(), method=method, lr=1e-2, batch_size=8, warmup_steps=1, seed=0)
+    # the trainer's defaults before they became train_dpo.py's: 320 tokens, a schedule that never decays
+    options = dict(palm=palm or tiny(), method=method, lr=1e-2, batch_size=8, warmup_steps=1, seed=0, max_len=320, steps=10**9)
     if method == "kto":
         options["examples"] = kto_from_pairs(train)
     else:

@@ -33,6 +33,7 @@ from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.dpo import DPOTrainer
 from palm_rlhf.grpo import GRPOTrainer
 from palm_rlhf.ppo import RLHFTrainer
+from palm_rlhf.tokenizer import PromptEncoding
 
 VOCAB, PAD_ID, EOS_ID = 12, 0, 1
 LETTERS = "abcdefghij"  # ids 2..11
@@ -43,7 +44,7 @@ REWARD = torch.tensor([[0.0, 0.1, 1.0, 0.2, 0.9, 0.0, 0.4, 0.6, 0.3, 0.8, 0.5, 0
                        [0.6, 0.0, 0.1, 0.9, 0.2, 1.0, 0.3, 0.5, 0.8, 0.4, 0.7, 0.0]])
 
 
-class Letters:
+class Letters(PromptEncoding):
     """A tokenizer of the bandit's vocabulary: PAD 0, EOS 1, a..j 2..11."""
 
     pad_id, eos_id, vocab_size = PAD_ID, EOS_ID, VOCAB
@@ -112,7 +113,7 @@ def train_rl(trainer, iterations: int, batch: int) -> torch.Tensor:
 
 RL_METHODS = {
     "ppo": lambda: RLHFTrainer(palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(),
-                               beta=BETA, actor_lr=3e-3, critic_lr=3e-3, epochs=1, minibatch_size=128, seed=0),
+                               beta=BETA, actor_lr=3e-3, critic_lr=3e-3, epochs=1, minibatch_size=128, rollout_batch_size=128, seed=0),
     **{f"{estimator}, KL in the reward": (lambda estimator=estimator: GRPOTrainer(
         palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
         group_size=16, beta=BETA, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
@@ -190,7 +191,7 @@ def letter_response_distributions(palm, **scope) -> torch.Tensor:
 def train_dpo(method: str, beta: float) -> tuple:
     palm = reference_palm()
     trainer = DPOTrainer(palm=palm, pairs=preference_pairs(), method=method, beta=beta, lr=1e-2, batch_size=256,
-                         warmup_steps=10, total_steps=400, max_len=8, seed=0)  # decays, so that it settles
+                         warmup_steps=10, steps=400, max_len=8, seed=0)  # decays, so that it settles
     trainer.train(num_steps=400)
     return letter_response_distributions(palm, finetune_scope="dpo"), letter_response_distributions(palm, disable_lora=True)
 

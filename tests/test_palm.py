@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf import palm as palm_module
-from palm_rlhf.palm import attention_mask, top_k_top_p_filter
+from palm_rlhf import model as palm_module
+from palm_rlhf.generate import top_k_top_p_filter
+from palm_rlhf.model import attention_mask
 from palm_rlhf.tokenizer import EOS_ID, PAD_ID, ByteTokenizer
 
 
@@ -267,7 +268,7 @@ def test_tiny_model_learns_a_repeated_pattern():
 
 
 def test_flash_attn_without_cuda_falls_back_and_says_so_once(recwarn):
-    import palm_rlhf.palm as palm_module
+    import palm_rlhf.model as palm_module
 
     palm_module._warned_flash_fallback = False
     first = PaLM.from_config(PaLMConfig.from_name("tiny", flash_attn=True))

@@ -5,10 +5,8 @@ import torch
 from accelerate import Accelerator
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.ppo import (
-    KLController, RLHFTrainer, clipped_policy_loss, clipped_value_loss, gae, kl_penalty, masked_whiten,
-    memmap_rollout, response_mask,
-)
+from palm_rlhf.ppo import KLController, RLHFTrainer, clipped_policy_loss, clipped_value_loss, gae, memmap_rollout
+from palm_rlhf.rl import kl_penalty, masked_whiten, response_mask
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import EOS_ID, PAD_ID
 
@@ -30,8 +28,12 @@ def count_target(seq, prompt_mask, mask):
     return ((seq == TARGET) & mask & ~prompt_mask).float().sum(dim=1)
 
 
+# the trainer's defaults before they became train_ppo.py's (PPOConfig), which these tests were written against
+BEFORE = dict(actor_lr=1e-4, critic_lr=1e-4, beta=0.05, max_grad_norm=0, rollout_batch_size=64)
+
+
 def trainer(palm=None, **kwargs):
-    kwargs = dict(dict(reward_fn=count_target, prompt_token_ids=PROMPTS, minibatch_size=8, epochs=2), **kwargs)
+    kwargs = dict(dict(reward_fn=count_target, prompt_token_ids=PROMPTS, minibatch_size=8, epochs=2, **BEFORE), **kwargs)
     return RLHFTrainer(palm=palm or tiny_palm(), **kwargs)
 
 
@@ -215,7 +217,7 @@ def test_ppo_raises_the_reward_with_bounded_kl():
 
 
 def test_gradient_clipping_runs_and_bounds_the_gradient_norm(monkeypatch):
-    t = trainer(max_norm=1e-3, actor_lr=1e-2)
+    t = trainer(max_grad_norm=1e-3, actor_lr=1e-2)
     clip = torch.nn.utils.clip_grad_norm_
     norms = []
 
@@ -226,7 +228,7 @@ def test_gradient_clipping_runs_and_bounds_the_gradient_norm(monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     t.step(max_seq_len=12, rollout_batch_size=8)
-    assert len(norms) == 2 * t.epochs  # actor and critic, once per minibatch
+    assert len(norms) == 2 * t.config.epochs  # actor and critic, once per minibatch
     assert all(n <= 1e-3 * 1.01 for n in norms)
 
 
@@ -237,12 +239,12 @@ def test_fp16_gradient_clipping_unscales_once_per_optimizer_step(monkeypatch):
     accelerator = Accelerator(cpu=True)
     accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
-    t = trainer(max_norm=1.0, accelerator=accelerator)
+    t = trainer(max_grad_norm=1.0, accelerator=accelerator)
     unscale = accelerator.scaler.unscale_
     calls = []
     monkeypatch.setattr(accelerator.scaler, "unscale_", lambda optimizer: calls.append(1) or unscale(optimizer))
     stats, _ = t.step(max_seq_len=12, rollout_batch_size=8)
-    assert len(calls) == t.epochs  # one minibatch per epoch, one unscale each
+    assert len(calls) == t.config.epochs  # one minibatch per epoch, one unscale each
     assert all(math.isfinite(v) for v in stats.values())
 
 

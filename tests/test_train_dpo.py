@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.data import write_jsonl
 from palm_rlhf.dpo import DPOTrainer
-from palm_rlhf.training import parse_config, read_metrics
+from palm_rlhf.config import parse_config
+from palm_rlhf.training import read_metrics
 
 # the script is run in-process (faster than a subprocess, and a crash can be injected); it is a file
 # at the repository root, not a module of the package
@@ -85,7 +86,7 @@ def test_jsonl_input_and_clear_errors(lm_checkpoint, tmp_path):
     assert math.isfinite(summary["pref_accuracy"])
     with pytest.raises(SystemExit, match="needs JSONL records"):
         train_dpo.train(config(lm_checkpoint, tmp_path / "dpo", "--train_file", str(ratings)))
-    with pytest.raises(SystemExit, match="unknown --method"):
+    with pytest.raises(SystemExit, match="--method ppo: unknown method"):
         train_dpo.train(config(lm_checkpoint, tmp_path / "x", "--method", "ppo"))
     with pytest.raises(SystemExit, match="run train_lm.py first"):
         train_dpo.train(config(tmp_path / "missing", tmp_path / "y"))

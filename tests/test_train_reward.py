@@ -41,15 +41,15 @@ def test_help_lists_every_option():
 
 def test_bad_input_gets_a_clear_error(tmp_path):
     out = run_script("--lm_checkpoint", "none", "--mode", "ranking", "--out_dir", str(tmp_path))
-    assert out.returncode != 0 and "--mode must be binned or pairwise" in out.stderr
+    assert out.returncode != 0 and "--mode ranking: unknown mode 'ranking'; choose one of pairwise, binned" in out.stderr
     out = run_script("--lm_checkpoint", "none", "--pool", "max", "--out_dir", str(tmp_path))
-    assert out.returncode != 0 and "--pool must be mean or eos" in out.stderr
+    assert out.returncode != 0 and "--pool max: unknown pool 'max'; choose one of mean, eos" in out.stderr
     out = run_script("--lm_checkpoint", str(tmp_path / "nothing"), "--out_dir", str(tmp_path))
     assert out.returncode != 0 and "run train_lm.py first" in out.stderr
     out = run_script("--lm_checkpoint", "none", "--mode", "binned", "--corrupt_prob", "0.5", "--out_dir", str(tmp_path))
     assert out.returncode != 0 and "it needs --mode pairwise" in out.stderr
     out = run_script("--lm_checkpoint", "none", "--truncate_prob", "2", "--out_dir", str(tmp_path))
-    assert out.returncode != 0 and "must be in [0, 1]" in out.stderr
+    assert out.returncode != 0 and "--truncate_prob 2: must be <= 1" in out.stderr
 
 
 def test_augmented_batch_cuts_and_corrupts_the_shares_asked_for():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from palm_rlhf import training
+from palm_rlhf import checkpoint, training
+from palm_rlhf.config import parse_config
 
 
 @dataclass
@@ -23,26 +24,26 @@ class ToyConfig:
 
 
 def test_parse_config_round_trips_types_and_flags():
-    assert training.parse_config(ToyConfig, []) == ToyConfig()
-    config = training.parse_config(
+    assert parse_config(ToyConfig, []) == ToyConfig()
+    config = parse_config(
         ToyConfig, ["--lr", "1e-3", "--steps", "7", "--compile", "--no-resume", "--max_pairs", "5"]
     )
     assert config == ToyConfig(lr=1e-3, steps=7, compile=True, resume=False, max_pairs=5)
-    assert training.parse_config(ToyConfig, ["--max_pairs", "none"]).max_pairs is None
+    assert parse_config(ToyConfig, ["--max_pairs", "none"]).max_pairs is None
 
 
 def test_parse_config_rejects_wrong_types_and_unknown_flags(capsys):
     with pytest.raises(SystemExit):
-        training.parse_config(ToyConfig, ["--steps", "seven"])
+        parse_config(ToyConfig, ["--steps", "seven"])
     assert "invalid int value: 'seven'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        training.parse_config(ToyConfig, ["--stepz", "7"])
+        parse_config(ToyConfig, ["--stepz", "7"])
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
 
 
 def test_help_lists_every_field_with_help_and_default(capsys):
     with pytest.raises(SystemExit):
-        training.parse_config(ToyConfig, ["--help"])
+        parse_config(ToyConfig, ["--help"])
     help_text = capsys.readouterr().out
     assert "peak learning rate (default: 0.0003)" in help_text
     assert "--compile, --no-compile" in help_text
@@ -92,7 +93,7 @@ def draw_from_every_rng():
 def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rngs(tmp_path):
     model, optimizer, scheduler = make_run(seed=0)
     train_a_little(model, optimizer, scheduler)
-    training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, scheduler=scheduler,
+    checkpoint.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, scheduler=scheduler,
                              step=3, extra=dict(best_loss=0.5), config=dict(dim=4))
     draws_after_save = draw_from_every_rng()
     train_a_little(model, optimizer, scheduler)  # the original goes on from step 3
@@ -102,7 +103,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rngs(tmp
     assert trainer_state["step"] == 3
 
     fresh, fresh_optimizer, fresh_scheduler = make_run(seed=1)
-    restored = training.load_checkpoint(tmp_path / "checkpoint", model=fresh, optimizer=fresh_optimizer,
+    restored = checkpoint.load_checkpoint(tmp_path / "checkpoint", model=fresh, optimizer=fresh_optimizer,
                                         scheduler=fresh_scheduler)
     assert restored == dict(step=3, extra=dict(best_loss=0.5))
     assert draw_from_every_rng() == draws_after_save
@@ -117,10 +118,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rngs(tmp
 
 def test_a_checkpoint_sharded_by_zero_or_fsdp_will_not_resume_without_its_engine(tmp_path):
     model, optimizer, scheduler = make_run(seed=0)
-    training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
+    checkpoint.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
     (tmp_path / "checkpoint" / "sharded").mkdir()  # where each process's part of the optimizer state goes
     with pytest.raises(ValueError, match="resume it under the same engine"):
-        training.load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer)
+        checkpoint.load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer)
 
 
 def test_an_accelerate_config_that_overrides_the_scripts_accumulation_is_refused(monkeypatch):
@@ -132,7 +133,7 @@ def test_an_accelerate_config_that_overrides_the_scripts_accumulation_is_refused
 
 def test_a_save_that_crashes_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer, scheduler = make_run(seed=0)
-    training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
+    checkpoint.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     train_a_little(model, optimizer, scheduler)
 
@@ -141,21 +142,21 @@ def test_a_save_that_crashes_midway_leaves_the_previous_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(training.torch, "save", crash)  # the weights are written, the state is not
     with pytest.raises(OSError, match="disk full"):
-        training.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=4)
+        checkpoint.save_checkpoint(tmp_path / "checkpoint", model=model, optimizer=optimizer, step=4)
     monkeypatch.undo()
 
     fresh, fresh_optimizer, _ = make_run(seed=1)
-    assert training.load_checkpoint(tmp_path / "checkpoint", model=fresh, optimizer=fresh_optimizer)["step"] == 1
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint", model=fresh, optimizer=fresh_optimizer)["step"] == 1
     assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
 
 
 def test_a_crash_between_the_two_renames_still_loads_the_previous_checkpoint(tmp_path):
     model, optimizer, _ = make_run(seed=0)
-    training.save_checkpoint(tmp_path / "checkpoint", model=model, step=2)
+    checkpoint.save_checkpoint(tmp_path / "checkpoint", model=model, step=2)
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # as _swap_in leaves it mid-swap
-    assert training.checkpoint_exists(tmp_path / "checkpoint")
-    assert training.load_checkpoint(tmp_path / "checkpoint", model=TiedModel())["step"] == 2
-    assert not training.checkpoint_exists(tmp_path / "elsewhere")
+    assert checkpoint.checkpoint_exists(tmp_path / "checkpoint")
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint", model=TiedModel())["step"] == 2
+    assert not checkpoint.checkpoint_exists(tmp_path / "elsewhere")
 
 
 def test_check_finite_names_the_step():

@@ -13,35 +13,28 @@ with Pathways"), section 2. Each choice and where it comes from:
   kernels, Dao et al. 2022), the `flash-attn` package on CUDA when installed, and a plain math path
   that is the reference the others are tested against.
 
-On top of the base model, named fine-tune scopes (LoRA adapters or trainable copies of the last N
-layers) let one frozen PaLM serve as actor, critic, reward model and, with `disable_lora=True`, the
-frozen reference policy (Hydra-RLHF, Santacroce et al. 2023).
+This file holds the config and its presets, rotary embeddings, the attention backends, the KV
+cache a decoding step writes to, the parallel block and `PaLM` (forward, the LM loss, per-token
+log-probs). Around it: fine-tune scopes (LoRA adapters or trainable copies of the last N layers, so
+that one frozen PaLM serves as actor, critic, reward model and, with `disable_lora=True`, the frozen
+reference; Hydra-RLHF, Santacroce et al. 2023) in lora.py, sampling in generate.py, saving and
+loading in checkpoint.py; `PaLM` keeps short methods that call them.
 
 Notation: b batch, n query length, m key length, h heads, d head dim, D model dim, v vocab.
 """
 import contextlib
-import copy
-import functools
-import json
-import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from beartype import beartype
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
 from torch import nn
-from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
 
-from palm_rlhf.compat import GENERATE, PALM, palm_scopes, upstream_keywords
-from palm_rlhf.lora import LoRA
-from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID, TOKENIZER_FILE, ByteTokenizer, check_vocab_size, load_tokenizer
+from palm_rlhf import checkpoint
+from palm_rlhf.lora import FinetuneScopes
+from palm_rlhf.tokenizer import NUM_TOKENS, PAD_ID, ByteTokenizer, check_vocab_size
 
 # ---------------------------------------------------------------------------------------------------
 # config and presets
@@ -379,24 +372,24 @@ def eval_mode(module: nn.Module):
             m.training = training
 
 
-def outside_autograd(fn):
-    """Runs fn under torch.inference_mode, which spares each op of a decoding step autograd's
-    bookkeeping (version counters, view tracking), and returns clones of its tensors: normal tensors,
-    which a loss may use later (PPO embeds the sampled tokens)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode():
-            out = fn(*args, **kwargs)
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
-    return wrapper
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False):
+    """logits (..., v) and the tokens they predict (...) -> each token's log-prob under
+    softmax(logits / temperature), (...), in fp32: the one per-token log-prob of every stage (the LM's
+    log-probs, PPO's ratio, DPO's sums, the evaluation's KL). `with_entropy`: also the policy's
+    entropy at each position, (...)."""
+    log_probs = (logits.float() / temperature).log_softmax(dim=-1)
+    chosen = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+    if not with_entropy:
+        return chosen
+    return chosen, -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # PaLM
 
 
-class PaLM(nn.Module):
-    @upstream_keywords(PALM, palm_scopes)
+class PaLM(FinetuneScopes, nn.Module):
     @beartype
     def __init__(
         self,
@@ -454,81 +447,6 @@ class PaLM(nn.Module):
     def set_dropout(self, dropout: float):
         for layer in self.layers:
             layer.attn_dropout = layer.ff_dropout = dropout
-
-    # --- fine-tune scopes -------------------------------------------------------------------------
-
-    def add_finetune_params(self, scope: str, lora_r: int | None = 8, lora_alpha: float | None = None,
-                            last_n_layers: int | None = None):
-        """Adds a named scope: LoRA adapters on q, k, v and the attention output of every layer, or,
-        with `last_n_layers=N`, trainable copies of the last N layers (the base stays frozen)."""
-        if scope in self.finetune_modules:
-            raise ValueError(f"fine-tune scope {scope!r} already exists")
-        if last_n_layers is not None:
-            if not 1 <= last_n_layers <= len(self.layers):
-                raise ValueError(f"last_n_layers must be in 1..{len(self.layers)}, got {last_n_layers}")
-            self.finetune_modules[scope] = copy.deepcopy(self.layers[-last_n_layers:]).requires_grad_(True)
-            self.config.finetune_scopes[scope] = {"last_n_layers": last_n_layers}
-            return
-        c = self.config
-        attn_inner = c.heads * c.dim_head
-        self.finetune_modules[scope] = nn.ModuleList(
-            nn.ModuleDict(dict(
-                q=LoRA(c.dim, attn_inner, lora_r, lora_alpha),
-                k=LoRA(c.dim, c.dim_head, lora_r, lora_alpha),
-                v=LoRA(c.dim, c.dim_head, lora_r, lora_alpha),
-                o=LoRA(attn_inner, c.dim, lora_r, lora_alpha),
-            ))
-            for _ in self.layers
-        ).to(device=self.device, dtype=self.token_emb.weight.dtype)  # a bf16 model gets bf16 adapters
-        self.config.finetune_scopes[scope] = {"lora_r": lora_r, "lora_alpha": lora_alpha}
-
-    def remove_finetune_params(self, scope: str):
-        self.finetune_modules.pop(self._check_scope(scope))
-        self.config.finetune_scopes.pop(scope)
-
-    def finetune_parameters(self, scope: str = "default"):
-        return list(self.finetune_modules[self._check_scope(scope)].parameters())
-
-    def finetune_only(self, *scopes: str):
-        """Freezes everything but the named scopes, so backward computes no gradient for the base."""
-        self.requires_grad_(False)
-        for scope in scopes:
-            self.finetune_modules[self._check_scope(scope)].requires_grad_(True)
-        return self
-
-    @torch.no_grad()
-    def merge_finetune_params(self, scope: str):
-        """Folds a scope into the base weights and removes it: the merged model needs no adapters."""
-        modules = self.finetune_modules[self._check_scope(scope)]
-        if "last_n_layers" in self.config.finetune_scopes[scope]:
-            for base, tuned in zip(self.layers[-len(modules):], modules):
-                base.load_state_dict(tuned.state_dict())
-        else:
-            c = self.config
-            q_end, k_end, v_end = c.heads * c.dim_head, c.heads * c.dim_head + c.dim_head, c.heads * c.dim_head + 2 * c.dim_head
-            for layer, lora in zip(self.layers, modules):
-                w_in = layer.fused_in.weight
-                w_in[:q_end] += lora["q"].delta_weight()
-                w_in[q_end:k_end] += lora["k"].delta_weight()
-                w_in[k_end:v_end] += lora["v"].delta_weight()
-                layer.attn_out.weight += lora["o"].delta_weight()
-        self.remove_finetune_params(scope)
-
-    def _check_scope(self, scope):
-        if scope not in self.finetune_modules:
-            raise KeyError(f"no fine-tune scope {scope!r}; this model has {list(self.finetune_modules)}")
-        return scope
-
-    def _layers_and_adapters(self, finetune_scope, disable_lora):
-        """Per layer, (block, LoRA adapters or None) for the chosen scope."""
-        if finetune_scope is None or disable_lora:
-            return [(layer, None) for layer in self.layers]
-        modules = self.finetune_modules[self._check_scope(finetune_scope)]
-        if "last_n_layers" in self.config.finetune_scopes[finetune_scope]:
-            return [(layer, None) for layer in self.layers[: len(self.layers) - len(modules)]] + [
-                (layer, None) for layer in modules
-            ]
-        return list(zip(self.layers, modules))
 
     # --- forward ----------------------------------------------------------------------------------
 
@@ -603,8 +521,7 @@ class PaLM(nn.Module):
         (b, n - 1). PPO and DPO score responses with this, at the temperature they sampled with."""
         logits = self(seq[:, :-1], mask=None if mask is None else mask[:, :-1],
                       finetune_scope=finetune_scope, disable_lora=disable_lora)
-        log_probs = (logits.float() / temperature).log_softmax(dim=-1)
-        return log_probs.gather(-1, seq[:, 1:, None]).squeeze(-1)
+        return token_log_probs(logits, seq[:, 1:], temperature)
 
     def _check_token_ids(self, x):
         if x.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
@@ -614,147 +531,19 @@ class PaLM(nn.Module):
                 f"token ids must be in [0, {self.num_tokens}); got min {int(x.min())}, max {int(x.max())}"
             )
 
-    # --- generation -------------------------------------------------------------------------------
+    # --- sampling (generate.py) and checkpoints (checkpoint.py) -----------------------------------
 
-    @upstream_keywords(GENERATE)
-    @outside_autograd
-    def generate(
-        self,
-        seq_len: int,
-        prompt=None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        filter_thres: float | None = None,
-        filter_logits_fn=None,
-        eos_token: int | None = None,
-        pad_id: int | None = None,
-        use_tqdm: bool = False,
-        use_cache: bool = True,
-        return_log_probs: bool = False,
-        return_seq_without_prompt: bool = True,
-        finetune_scope: str | None = None,
-        disable_lora: bool = False,
-        prompt_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        num_samples_per_prompt: int = 1,
-        synced_gpus: bool | None = None,
-    ):
-        """Samples until the sequence is `seq_len` long (prompt included, as in PaLM-rlhf-pytorch).
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens, in the dtype the layers compute in."""
+        return KVCache(len(self.layers), batch, max_len, self.config.dim_head, self.device,
+                       activation_dtype(self.token_emb.weight), self.xpos_scale_base)
 
-        prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or
-        (b, n) with `prompt_mask` marking its real tokens (right padding is moved to the left, which
-        is the prompt that `return_seq_without_prompt=False` returns). No prompt: one random token
-        starts the sequence, and the whole (1, seq_len) sequence is returned, as there.
-        temperature 0 is greedy. Filters, as PaLM-rlhf-pytorch's: `filter_thres=t` alone keeps the
-        ceil((1 - t) * v) most likely tokens (its top_k); `filter_logits_fn(logits, thres=t)` is
-        applied after top_k / top_p. `pad_id` (PaLM-rlhf-pytorch's `pad_value`) is written after
-        EOS, by default the model's; `use_tqdm` shows the decoding steps.
-        `num_samples_per_prompt=G` draws G samples of each prompt, rows b * G, prompt i's in rows
-        i * G .. i * G + G - 1; with the cache, each prompt is encoded once and its cache shared.
-        `synced_gpus` (transformers' name): every process decodes until all processes' rows have
-        ended, which sharded weights need (FSDP2, ZeRO-3: each step's forward is a collective that
-        every process must join); by default on exactly when the weights are sharded over processes.
-        Returns the new tokens (b, seq_len - n), PAD after each sequence's first EOS; with
-        `return_log_probs`, also their log-probs under softmax(logits / temperature) (the policy that
-        PPO optimises; top-k/top-p only restrict what is sampled), 0 at PAD.
-        """
-        was_training = self.training
-        self.eval()
-        if prompt is None:
-            return_seq_without_prompt = False
-        pad_id = self.pad_id if pad_id is None else pad_id
-        use_cache = use_cache and self.causal  # a bidirectional model re-reads the whole sequence each step
-        top_k, logits_filter = sampling_filters(self.num_tokens, top_k, filter_thres, filter_logits_fn)
-        prompt, prompt_mask, unbatched = self._prepare_prompt(prompt, prompt_mask)
-        unbatched = unbatched and num_samples_per_prompt == 1
-        if not use_cache:  # no cache to share: the prompts are simply repeated
-            prompt = prompt.repeat_interleave(num_samples_per_prompt, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(num_samples_per_prompt, dim=0)
-        b, n = prompt.shape
-        num_new = seq_len - n
-        if num_new < 1:
-            raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({n}): seq_len counts the prompt, "
-                             f"so pass seq_len={n + 1} for one new token")
-        if num_samples_per_prompt < 1:
-            raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}")
-        scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
-        synced_gpus = weights_sharded(self) if synced_gpus is None else synced_gpus
-        # synced, every process takes as many decoding steps as the one with the shortest prompt
-        steps = reduce_int(num_new, dist.ReduceOp.MAX, self.device) if synced_gpus else num_new
+    def generate(self, seq_len: int, prompt, **options):
+        """Samples until each sequence is `seq_len` long, prompt included (as PaLM-rlhf-pytorch):
+        `generate.generate(self, seq_len, prompt, **options)`, where the options are documented."""
+        from palm_rlhf.generate import generate  # sampling builds on the model, not the model on it
 
-        cache = None
-        if use_cache:
-            cache = KVCache(len(self.layers), b, n + steps, self.config.dim_head, self.device,
-                            activation_dtype(self.token_emb.weight), self.xpos_scale_base)
-            logits = self(prompt, mask=prompt_mask, cache=cache, **scope)[:, -1]
-            if num_samples_per_prompt > 1:
-                cache.repeat_interleave(num_samples_per_prompt)
-                logits = logits.repeat_interleave(num_samples_per_prompt, dim=0)
-                prompt = prompt.repeat_interleave(num_samples_per_prompt, dim=0)
-                b = b * num_samples_per_prompt
-        else:
-            seq, seq_mask = prompt, prompt_mask
-            logits = self(seq, mask=seq_mask, **scope)[:, -1]
-
-        tokens = torch.full((b, steps), pad_id, dtype=torch.long, device=self.device)
-        log_probs = torch.zeros(b, steps, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for t in tqdm(range(steps), desc="generate", disable=not use_tqdm):
-            token, log_prob = sample_token(logits.float(), temperature, top_k, top_p, generator, return_log_probs,
-                                           logits_filter)
-            if eos_token is not None:  # rows that have ended get PAD, at log-prob 0
-                token = token.masked_fill(done, pad_id)
-                log_prob = None if log_prob is None else log_prob.masked_fill(done, 0.0)
-                done = done | (token == eos_token)
-            tokens[:, t] = token
-            if return_log_probs:
-                log_probs[:, t] = log_prob
-            finished = t >= num_new - 1 or (eos_token is not None and bool(done.all()))
-            if synced_gpus:
-                finished = bool(reduce_int(finished, dist.ReduceOp.MIN, self.device))
-            if finished:
-                break
-            step = token[:, None]  # (b, 1)
-            if use_cache:
-                logits = self(step, cache=cache, **scope)[:, -1]
-            else:
-                seq = torch.cat((seq, step), dim=1)
-                seq_mask = torch.cat((seq_mask, torch.ones_like(step, dtype=torch.bool)), dim=1)
-                logits = self(seq, mask=seq_mask, **scope)[:, -1]
-
-        self.train(was_training)
-        tokens, log_probs = tokens[:, :num_new], log_probs[:, :num_new]
-        if not return_seq_without_prompt:
-            tokens = torch.cat((prompt, tokens), dim=1)
-        if unbatched:
-            tokens, log_probs = tokens[0], log_probs[0]
-        return (tokens, log_probs) if return_log_probs else tokens
-
-    def _prepare_prompt(self, prompt, prompt_mask):
-        """-> left-padded prompt (b, n), its mask (b, n), whether the caller passed one sequence."""
-        if prompt is None:  # a random token that is not the pad
-            prompt = torch.randint(0, self.num_tokens - 1, (1, 1))
-            prompt = prompt + (prompt >= self.pad_id).long()
-        if isinstance(prompt, (list, tuple)):
-            if prompt_mask is not None:
-                raise ValueError("prompt_mask is for a (b, n) prompt tensor, not a list of prompts")
-            prompt, prompt_mask = left_pad(list(prompt), self.pad_id)
-            return prompt.to(self.device), prompt_mask.to(self.device), False
-        unbatched = prompt.ndim == 1
-        if unbatched:
-            prompt = prompt[None]
-        if prompt_mask is None:
-            prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
-        elif unbatched:
-            prompt_mask = prompt_mask[None]
-        if not is_left_padded(prompt_mask):
-            # the next token is read at the last position, which must be real in every row:
-            # right (or inner) padding is moved to the left
-            prompt, prompt_mask = left_pad([row[keep] for row, keep in zip(prompt.cpu(), prompt_mask.cpu())], self.pad_id)
-        return prompt.to(self.device), prompt_mask.to(self.device), unbatched
-
-    # --- checkpoints ------------------------------------------------------------------------------
+        return generate(self, seq_len, prompt, **options)
 
     @property
     def tokenizer(self):
@@ -772,181 +561,15 @@ class PaLM(nn.Module):
         self._tokenizer = tokenizer
 
     def save(self, path, state_dict: dict | None = None):
-        """Safetensors weights with the config in their metadata. A directory gets model.safetensors,
-        a readable config.json (what `from_pretrained` reads) and the tokenizer's tokenizer.json; a
-        file path gets one file.
-        `state_dict`: the weights to write instead of this module's own, e.g. the full state dict
-        that `accelerator.get_state_dict` gathers from the shards of FSDP or ZeRO-3."""
-        path = Path(path)
-        config_json = json.dumps(asdict(self.config))
-        if path.suffix not in (".safetensors", ".pt", ".bin"):
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-            if self.tokenizer is not None:
-                self.tokenizer.save(path)
-            path = path / "model.safetensors"
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            save_model(self, str(path), metadata={"palm_config": config_json})
-        else:
-            save_state_dict(state_dict, path, self, metadata={"palm_config": config_json})
+        """`checkpoint.save_palm`: safetensors weights, config.json and the tokenizer in a folder."""
+        checkpoint.save_palm(self, path, state_dict)
 
     def load(self, path, strict: bool = True):
-        """Loads weights saved by `save` into this model; a checkpoint of another shape fails with a
-        message naming each mismatch."""
-        path = weights_path(path)
-        saved = read_saved_config(path)
-        if saved is not None:
-            mine = asdict(self.config)
-            mismatched = [f"{k}: checkpoint {saved[k]!r}, model {mine[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != mine[k]]
-            if saved.get("finetune_scopes", {}) != mine["finetune_scopes"]:
-                mismatched.append(f"finetune_scopes: checkpoint {saved.get('finetune_scopes')}, model {mine['finetune_scopes']}")
-            if mismatched:
-                raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(mismatched))
-        with safe_open(str(path), "pt") as f:
-            own = self.state_dict()
-            bad = [f"{k}: checkpoint {tuple(f.get_slice(k).get_shape())}, model {tuple(own[k].shape)}"
-                   for k in f.keys() if k in own and tuple(f.get_slice(k).get_shape()) != tuple(own[k].shape)]
-        if bad:
-            raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(bad))
-        load_model(self, str(path), strict=strict, device=str(self.device))
-        return self
+        """`checkpoint.load_palm_weights`: weights saved by `save`, each mismatch named."""
+        return checkpoint.load_palm_weights(self, path, strict)
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "PaLM":
-        """Builds the model a checkpoint describes (its config.json or metadata) and loads it, with
-        the tokenizer saved beside it (tokenizer.json; a folder without one speaks bytes)."""
-        weights = weights_path(path)
-        saved = read_saved_config(weights)
-        if saved is None:
-            raise ValueError(f"{path} holds no PaLM config; was it written by PaLM.save?")
-        known = {f.name for f in fields(PaLMConfig)}
-        model = cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
-        if (weights.parent / TOKENIZER_FILE).exists():
-            tokenizer = load_tokenizer(weights.parent / TOKENIZER_FILE)
-            check_vocab_size(tokenizer, model.num_tokens, where=f"the model in {weights.parent}")
-            model.tokenizer = tokenizer
-        return model.load(path)
+        """`checkpoint.palm_from_pretrained`: the model a folder describes, with its tokenizer."""
+        return checkpoint.palm_from_pretrained(cls, path, **overrides)
 
-
-def weights_sharded(module: nn.Module) -> bool:
-    """Whether any of `module`'s weights are split over processes: FSDP2 makes them DTensors, ZeRO-3
-    partitions them (and marks each with a `ds_id`)."""
-    return any(isinstance(weight, DTensor) or hasattr(weight, "ds_id") for weight in module.parameters())
-
-
-def reduce_int(value: int, op, device) -> int:
-    """`value` reduced over every process (dist.ReduceOp.MIN / MAX)."""
-    reduced = torch.tensor(int(value), device=device)
-    dist.all_reduce(reduced, op=op)
-    return int(reduced)
-
-
-def save_state_dict(state_dict: dict, path, module: nn.Module, metadata: dict | None = None):
-    """Writes `module`'s state dict as safetensors with each tensor that `module` holds under several
-    names (the tied embedding) stored once, under its first name, as safetensors' save_model does;
-    its load_model fills in the other names. Which names are one tensor is read from the module, not
-    from the state dict's storage: a full state dict gathered from FSDP2 shards holds the tied
-    embedding as two separate copies, which load_model would reject as an unexpected key."""
-    repeated = repeated_names(module)
-    unique = {name: tensor.detach().contiguous() for name, tensor in state_dict.items() if name not in repeated}
-    save_file(unique, str(path), metadata=metadata)
-
-
-def repeated_names(module: nn.Module) -> set[str]:
-    """The names under which `module` holds a parameter or buffer that an earlier name already holds."""
-    seen, repeated = set(), set()
-    for name, tensor in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
-        if id(tensor) in seen:
-            repeated.add(name)
-        seen.add(id(tensor))
-    return repeated
-
-
-SHAPE_FIELDS = ("num_tokens", "dim", "depth", "heads", "dim_head", "ff_mult", "tie_embedding")
-
-
-def weights_path(path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return path
-
-
-def read_saved_config(path: Path) -> dict | None:
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if "palm_config" in metadata:
-        return json.loads(metadata["palm_config"])
-    config_file = path.parent / "config.json"
-    return json.loads(config_file.read_text()) if config_file.exists() else None
-
-
-# ---------------------------------------------------------------------------------------------------
-# sampling helpers
-
-
-def left_pad(sequences: list[torch.Tensor], pad_id: int):
-    """list of 1-D tensors -> (b, n) left-padded tensor and its mask, True at real tokens."""
-    n = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), n, dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        if len(s):
-            out[i, n - len(s):] = s
-            mask[i, n - len(s):] = True
-    return out, mask
-
-
-def is_left_padded(mask: torch.Tensor) -> bool:
-    """mask (b, n): True when no row has a False after a True (any padding is on the left)."""
-    return bool((mask.long().cummax(dim=1).values == mask.long()).all())
-
-
-def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Keeps the k most likely tokens and/or the smallest set whose probability reaches p
-    (nucleus sampling, Holtzman et al. 2020); the rest get -inf."""
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already >= p
-        drop_sorted[..., 0] = False  # the most likely token always stays, so top_p=0 is greedy, not empty
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sampling_filters(num_tokens: int, top_k, filter_thres, filter_logits_fn):
-    """PaLM-rlhf-pytorch's filter arguments -> (top_k, a logits filter or None). Its default filter,
-    with `filter_thres=t`, keeps the ceil((1 - t) * num_tokens) most likely tokens."""
-    if filter_logits_fn is not None:
-        thres = 0.9 if filter_thres is None else filter_thres
-        return top_k, lambda logits: filter_logits_fn(logits, thres=thres)
-    if filter_thres is not None:
-        if top_k is not None:
-            raise ValueError("pass top_k or filter_thres (PaLM-rlhf-pytorch's top-k fraction), not both")
-        top_k = max(1, math.ceil((1 - filter_thres) * num_tokens))
-    return top_k, None
-
-
-def sample_token(logits, temperature, top_k, top_p, generator=None, with_log_prob=True, logits_filter=None):
-    """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,) or
-    None without `with_log_prob`. `logits_filter` (b, v) -> (b, v) runs after top-k / top-p."""
-    scaled = logits if temperature in (0, 1) else logits / temperature
-    if temperature == 0:
-        token = logits.argmax(dim=-1)
-    else:
-        filtered = top_k_top_p_filter(scaled, top_k, top_p)
-        probs = (filtered if logits_filter is None else logits_filter(filtered)).softmax(dim=-1)
-        # the exponential race argmax(p / q), q ~ Exp(1): what torch.multinomial draws for one sample,
-        # from the same random numbers, without its checks of p (a dozen small ops per step)
-        token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
-    if not with_log_prob:
-        return token, None
-    return token, scaled.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]

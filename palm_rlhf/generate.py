@@ -1,0 +1,208 @@
+"""Sampling from a PaLM: filters, one sampled token, and the decoding loop over a batch of prompts.
+
+`generate(model, seq_len, prompt, ...)` encodes the (left-padded) prompts once into the model's KV
+cache (`model.new_cache`), then takes one token per step for every row, each step one forward pass
+of one token per row, until every row has emitted EOS or the sequences reach `seq_len`. Like
+gpt-fast's and nanochat's engines it knows nothing of tokenization: token ids in, token ids out.
+Choices, and where they come from:
+
+- Temperature sampling with optional top-k and nucleus (top-p, Holtzman et al. 2020) filters; the
+  log-probs it returns are those of softmax(logits / T), the policy RL optimises, whatever filter
+  restricted the draw.
+- A token is drawn by the exponential race argmax(p / q), q ~ Exp(1): what torch.multinomial draws
+  for one sample, from the same random numbers, without its dozen checks per step.
+- G samples of a prompt share its cache (`num_samples_per_prompt`): the prompt is encoded once and
+  its cache rows repeated, as GRPO's groups need.
+- With weights sharded over processes (FSDP2, ZeRO-3), every forward is a collective: every process
+  decodes until all have ended (`synced_gpus`, transformers' name).
+- The loop runs under torch.inference_mode and returns plain tensors (`outside_autograd`).
+
+The model is anything with `forward(x, mask=, cache=, finetune_scope=, disable_lora=)`, `new_cache`,
+`pad_id`, `device` and `causal`: model.PaLM.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from palm_rlhf.checkpoint import weights_sharded
+from palm_rlhf.model import eval_mode
+from palm_rlhf.tokenizer import pad
+
+# ---------------------------------------------------------------------------------------------------
+# one token
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keeps the k most likely tokens and/or the smallest set whose probability reaches p
+    (nucleus sampling, Holtzman et al. 2020); the rest get -inf."""
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already >= p
+        drop_sorted[..., 0] = False  # the most likely token always stays, so top_p=0 is greedy, not empty
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits, temperature, top_k, top_p, generator=None, with_log_prob=True, logits_filter=None):
+    """logits (b, v) -> sampled token (b,), its log-prob under softmax(logits / temperature) (b,) or
+    None without `with_log_prob`. `logits_filter` (b, v) -> (b, v) runs after top-k / top-p."""
+    scaled = logits if temperature in (0, 1) else logits / temperature
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        filtered = top_k_top_p_filter(scaled, top_k, top_p)
+        probs = (filtered if logits_filter is None else logits_filter(filtered)).softmax(dim=-1)
+        token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+    if not with_log_prob:
+        return token, None
+    return token, scaled.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+
+def outside_autograd(fn):
+    """Runs fn under torch.inference_mode, which spares each op of a decoding step autograd's
+    bookkeeping (version counters, view tracking), and returns clones of its tensors: normal tensors,
+    which a loss may use later (PPO embeds the sampled tokens)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    return wrapper
+
+
+def reduce_int(value: int, op, device) -> int:
+    """`value` reduced over every process (dist.ReduceOp.MIN / MAX)."""
+    reduced = torch.tensor(int(value), device=device)
+    dist.all_reduce(reduced, op=op)
+    return int(reduced)
+
+
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """mask (b, n): True when no row has a False after a True (any padding is on the left)."""
+    return bool((mask.long().cummax(dim=1).values == mask.long()).all())
+
+
+def prepare_prompt(model, prompt, prompt_mask):
+    """-> left-padded prompt (b, n) and its mask (b, n) on the model's device, and whether the caller
+    passed one sequence. The next token is read at the last position, which must be real in every
+    row: right (or inner) padding is moved to the left."""
+    if isinstance(prompt, (list, tuple)):
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask is for a (b, n) prompt tensor, not a list of prompts")
+        prompt, prompt_mask = pad(list(prompt), model.pad_id, side="left")
+        return prompt.to(model.device), prompt_mask.to(model.device), False
+    unbatched = prompt.ndim == 1
+    if unbatched:
+        prompt = prompt[None]
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+    elif unbatched:
+        prompt_mask = prompt_mask[None]
+    if not is_left_padded(prompt_mask):
+        prompt, prompt_mask = pad([row[keep] for row, keep in zip(prompt.cpu(), prompt_mask.cpu())], model.pad_id, side="left")
+    return prompt.to(model.device), prompt_mask.to(model.device), unbatched
+
+
+class Decoder:
+    """The state of one decoding loop: the next-token logits of every row, and either the KV cache or
+    (a bidirectional model, or use_cache=False) the whole sequence, re-read each step."""
+
+    def __init__(self, model, prompt, prompt_mask, steps: int, samples: int, use_cache: bool, scope: dict):
+        self.model, self.scope, self.use_cache = model, scope, use_cache and model.causal
+        if not self.use_cache:  # no cache to share: the prompts are simply repeated
+            self.seq = prompt.repeat_interleave(samples, dim=0)
+            self.seq_mask = prompt_mask.repeat_interleave(samples, dim=0)
+            self.logits = model(self.seq, mask=self.seq_mask, **scope)[:, -1]
+            return
+        self.cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+        self.logits = model(prompt, mask=prompt_mask, cache=self.cache, **scope)[:, -1]  # the prefill
+        if samples > 1:  # each prompt's cache serves its samples
+            self.cache.repeat_interleave(samples)
+            self.logits = self.logits.repeat_interleave(samples, dim=0)
+
+    def step(self, token: torch.Tensor):
+        """Feeds the sampled tokens (b,) and reads the next logits."""
+        step = token[:, None]  # (b, 1)
+        if self.use_cache:
+            self.logits = self.model(step, cache=self.cache, **self.scope)[:, -1]
+            return
+        self.seq = torch.cat((self.seq, step), dim=1)
+        self.seq_mask = torch.cat((self.seq_mask, torch.ones_like(step, dtype=torch.bool)), dim=1)
+        self.logits = self.model(self.seq, mask=self.seq_mask, **self.scope)[:, -1]
+
+
+@outside_autograd
+def generate(model, seq_len: int, prompt, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, logits_filter=None, eos_token: int | None = None, pad_id: int | None = None,
+             return_log_probs: bool = False, return_seq_without_prompt: bool = True, finetune_scope: str | None = None,
+             disable_lora: bool = False, prompt_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             num_samples_per_prompt: int = 1, synced_gpus: bool | None = None, use_cache: bool = True,
+             use_tqdm: bool = False):
+    """Samples until the sequences are `seq_len` long, prompt included (as PaLM-rlhf-pytorch counts).
+
+    The keywords are many because they are the sampler's whole surface (transformers' generate and
+    PaLM-rlhf-pytorch's take as many): what to draw (temperature, 0 greedy; top_k; top_p;
+    `logits_filter` (b, v) -> (b, v) after them), where a response ends (`eos_token`; `pad_id` after
+    it, by default the model's), which weights (`finetune_scope`, or the base with `disable_lora`),
+    how many (`num_samples_per_prompt`), and the noise (`generator`).
+
+    prompt: (n,), (b, n), or a list of 1-D tensors of different lengths (left-padded here), or (b, n)
+    with `prompt_mask` marking its real tokens (right padding is moved to the left, which is the
+    prompt `return_seq_without_prompt=False` returns). `num_samples_per_prompt=G` gives rows b * G,
+    prompt i's in rows i * G .. i * G + G - 1, each prompt encoded once. `synced_gpus`: every process
+    decodes until all processes' rows have ended, which sharded weights need (each forward is a
+    collective); by default on exactly when they are sharded. Returns the new tokens (b, seq_len - n),
+    PAD after each row's first EOS; with `return_log_probs`, also their log-probs under
+    softmax(logits / temperature), 0 at PAD.
+    """
+    pad_id = model.pad_id if pad_id is None else pad_id
+    prompt, prompt_mask, unbatched = prepare_prompt(model, prompt, prompt_mask)
+    num_new = seq_len - prompt.shape[1]
+    if num_new < 1:
+        raise ValueError(f"seq_len ({seq_len}) must exceed the prompt length ({prompt.shape[1]}): seq_len counts the "
+                         f"prompt, so pass seq_len={prompt.shape[1] + 1} for one new token")
+    if num_samples_per_prompt < 1:
+        raise ValueError(f"num_samples_per_prompt must be at least 1, got {num_samples_per_prompt}")
+    synced_gpus = weights_sharded(model) if synced_gpus is None else synced_gpus
+    # synced, every process takes as many decoding steps as the one with the shortest prompt
+    steps = reduce_int(num_new, dist.ReduceOp.MAX, model.device) if synced_gpus else num_new
+    with eval_mode(model):
+        decoder = Decoder(model, prompt, prompt_mask, steps, num_samples_per_prompt, use_cache,
+                          dict(finetune_scope=finetune_scope, disable_lora=disable_lora))
+        b = prompt.shape[0] * num_samples_per_prompt
+        tokens = torch.full((b, steps), pad_id, dtype=torch.long, device=model.device)
+        log_probs = torch.zeros(b, steps, device=model.device)
+        done = torch.zeros(b, dtype=torch.bool, device=model.device)
+        for t in tqdm(range(steps), desc="generate", disable=not use_tqdm):
+            token, log_prob = sample_token(decoder.logits.float(), temperature, top_k, top_p, generator,
+                                           return_log_probs, logits_filter)
+            if eos_token is not None:  # rows that have ended get PAD, at log-prob 0
+                token = token.masked_fill(done, pad_id)
+                log_prob = None if log_prob is None else log_prob.masked_fill(done, 0.0)
+                done = done | (token == eos_token)
+            tokens[:, t] = token
+            if return_log_probs:
+                log_probs[:, t] = log_prob
+            finished = t >= num_new - 1 or (eos_token is not None and bool(done.all()))
+            if synced_gpus:
+                finished = bool(reduce_int(finished, dist.ReduceOp.MIN, model.device))
+            if finished:
+                break
+            decoder.step(token)
+    tokens, log_probs = tokens[:, :num_new], log_probs[:, :num_new]
+    if not return_seq_without_prompt:
+        tokens = torch.cat((prompt.repeat_interleave(num_samples_per_prompt, dim=0), tokens), dim=1)
+    if unbatched and num_samples_per_prompt == 1:
+        tokens, log_probs = tokens[0], log_probs[0]
+    return (tokens, log_probs) if return_log_probs else tokens
