@@ -36,11 +36,11 @@ from palm_rlhf.data import (
     vader_compound,
 )
 from palm_rlhf.dpo import DPOConfig, DPOTrainer, kto_examples, pack_sequences, reference_kl
-from palm_rlhf.training import Run, available_trackers, load_lm, make_accelerator, set_seed
+from palm_rlhf.training import Run, RunConfig, load_lm, script_accelerator
 
 
 @dataclass
-class TrainDPOConfig(DPOConfig):
+class TrainDPOConfig(RunConfig, DPOConfig):
     """Tune PaLM's LoRA adapters on human preferences by DPO, IPO, cDPO or KTO; the adapters-off model is the reference."""
 
     lm_checkpoint: str = setting("runs/lm/final", "PaLM to start from (train_lm.py's final), or 'none' for a fresh --preset model")
@@ -52,15 +52,12 @@ class TrainDPOConfig(DPOConfig):
     max_eval_pairs: int | None = setting(None, "use at most this many held-out pairs", at_least=1)
     kto_desirable_min: float = setting(4, "kto: a rating >= this is desirable (stars 1-5 for the snippets)")
     kto_undesirable_max: float = setting(2, "kto: a rating <= this is undesirable")
-    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
-                                          choices=("no", "fp16", "bf16"))
     eval_every: int = setting(100, "steps between held-out preference evaluations", at_least=1)
     checkpoint_every: int = setting(50, "steps between resumable checkpoints", at_least=1)
     num_eval_prompts: int = setting(256, "held-out review prompts (the last N, as the RL scripts') sampled before and after training", at_least=1)
     gen_len: int = setting(31, "tokens sampled per prompt: the RL scripts' response budget (48 - the longest training prompt, 17 BPE tokens); about 100 for a byte-level LM", at_least=1)
     temperature: float = setting(1.0, "sampling temperature of the before/after generations", above=0)
     out_dir: str = setting("runs/dpo", "run folder: checkpoint/, final/, metrics.csv, plot, summary.json")
-    resume: bool = setting(False, "continue from out_dir/checkpoint")
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,10 +159,7 @@ def print_summary(cfg, before: dict, after: dict, report: dict):
 
 def train(cfg: TrainDPOConfig) -> dict:
     out_dir = Path(cfg.out_dir)
-    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
-                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
-                                   project_dir=str(out_dir))
-    set_seed(cfg.seed)
+    accelerator = script_accelerator(cfg, cfg.batch_size)
     palm = load_lm(cfg.lm_checkpoint, preset=cfg.preset, needs_tokenizer=False).to(accelerator.device)
     data, eval_pairs = load_training_data(cfg), load_eval_pairs(cfg)
     what = "examples" if cfg.method == "kto" else "pairs"

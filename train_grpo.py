@@ -14,12 +14,12 @@ samples.jsonl and grpo.png.
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from palm_rlhf.config import parse_config, setting
 from palm_rlhf.grpo import GRPOConfig, GRPOTrainer
-from palm_rlhf.rl_stage import RLStageConfig, best_of_sizes, evaluate, load_models, mean_vader, report, split_prompts
-from palm_rlhf.training import Run, SampleLogger, available_trackers, make_accelerator, set_seed
+from palm_rlhf.rl_stage import (
+    RLStageConfig, best_of_sizes, finish, held_out_before, load_models, log_iteration, split_prompts,
+)
+from palm_rlhf.training import Run, SampleLogger, script_accelerator
 
 PLOT = [["score", "eval_score"], ["kl"], ["vader", "eval_vader"], ["response_length"],
         ["approx_kl", "clip_fraction", "zero_variance_groups"]]
@@ -34,9 +34,7 @@ class TrainGRPOConfig(RLStageConfig, GRPOConfig):
 
 def train(cfg: TrainGRPOConfig) -> dict:
     best_of = best_of_sizes(cfg.best_of)
-    accelerator = make_accelerator(cfg.minibatch_size, cfg.max_grad_norm, mixed_precision=cfg.mixed_precision,
-                                   log_with=available_trackers(), project_dir=cfg.out_dir)
-    set_seed(cfg.seed)
+    accelerator = script_accelerator(cfg, cfg.minibatch_size)
     palm, reward_model = load_models(cfg)
     train_prompts, eval_prompts = split_prompts(cfg, palm.tokenizer)
     try:
@@ -47,33 +45,16 @@ def train(cfg: TrainGRPOConfig) -> dict:
     state = {}  # what a checkpoint keeps beside the weights: the LM's scores
     run = Run(cfg, accelerator, name="grpo", total=cfg.iterations, model=trainer.actor, optimizer=trainer.optimizer,
               extra_state=lambda: dict(state), plot=PLOT, unit="iteration")
-    if run.resumed:  # iteration `start` draws its prompts and samples as it would have
-        trainer.iteration = run.start
-        state["before"] = {int(n): v for n, v in run.resumed["before"].items()}
-    else:  # the actor starts equal to the LM: its samples are the "before" column
-        state["before"] = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
-        run.log(0, eval_score=state["before"][1]["score"], eval_vader=state["before"][1]["vader"])
+    state["before"] = held_out_before(run, trainer, eval_prompts, cfg, best_of)
+    trainer.iteration = run.start  # iteration `start` draws its prompts and samples as it would have
     samples = SampleLogger(cfg.out_dir, accelerator, resume=cfg.resume)
 
-    stats = {}
+    stats = {}  # the last iteration's, for the report
     for iteration in run:
         stats, rollout = trainer.step()
-        run.check_loss(sum(v for k, v in stats.items() if k.endswith("loss")), iteration)
-        # each process's responses are its own: their VADER is averaged over processes (equal counts)
-        responses = rollout.responses(trainer.tokenizer)
-        vader = accelerator.reduce(torch.tensor(mean_vader(responses), device=accelerator.device), "mean")
-        run.log(iteration + 1, **stats, vader=vader)
-        samples.log(iteration + 1, rollout.prompt_texts(trainer.tokenizer), responses)
-        run.postfix(**{k: stats[k] for k in ("score", "kl", "response_length") if k in stats})
+        log_iteration(run, samples, trainer, iteration, stats, rollout)
 
-    after = evaluate(trainer, eval_prompts, cfg)
-    run.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
-    run.finish(trainer.save_policy)
-    if accelerator.is_main_process:
-        print(report(state["before"], after, best_of, cfg.estimator.upper(), stats, eval_prompts, cfg.seed))
-        print(f"tuned policy in {run.out_dir / 'final'}; metrics in {run.out_dir / 'metrics.csv'}, plot {run.out_dir / 'grpo.png'}")
-    return dict(before=state["before"], after=after)
-
+    return finish(run, trainer, eval_prompts, cfg, state["before"], best_of, cfg.estimator.upper(), stats)
 
 if __name__ == "__main__":
     train(parse_config(TrainGRPOConfig, sys.argv[1:]))

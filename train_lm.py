@@ -24,11 +24,11 @@ from palm_rlhf.config import check_settings, parse_config, setting
 from palm_rlhf.data import DEFAULT_CORPUS, TokenWindows, bytes_per_token, corpus_token_file, load_corpus
 from palm_rlhf.model import PRESETS
 from palm_rlhf.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
-from palm_rlhf.training import Run, available_trackers, lr_lambda_warmup_cosine, make_accelerator, set_seed
+from palm_rlhf.training import Run, RunConfig, lr_lambda_warmup_cosine, script_accelerator
 
 
 @dataclass
-class TrainLMConfig:
+class TrainLMConfig(RunConfig):
     """Pretrain PaLM on real text shipped offline; checkpoints resume; metrics go to CSV and a plot."""
 
     corpus: str = setting(DEFAULT_CORPUS, "corpus names joined by '+' (wikitext2, sotu, shakespeare, reviews), a .txt/.jsonl path or a folder of .txt files")
@@ -44,16 +44,13 @@ class TrainLMConfig:
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak (cosine decay)", at_least=0, at_most=1)
     weight_decay: float = setting(0.1, "AdamW weight decay on matrices", at_least=0)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
-    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
-                                          choices=("no", "fp16", "bf16"))
     eval_every: int = setting(50, "steps between validation runs", at_least=1)
     eval_batches: int = setting(8, "validation batches per evaluation", at_least=1)
     sample_every: int = setting(200, "steps between generated samples", at_least=1)
     sample_prompt: str = setting("The movie is", "prompt of the logged samples")
     sample_len: int = setting(160, "tokens per logged sample, prompt included", at_least=2)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints", at_least=1)
-    out_dir: str = setting("runs/lm", "run folder: checkpoint/, final/, metrics.csv, plot")
-    resume: bool = setting(False, "continue from out_dir/checkpoint")
+    out_dir: str = setting("runs/lm", "run folder: checkpoint/, final/, metrics.csv, loss.png")
     seed: int = setting(0, "seed for weights, data windows and sampling")
     cache_dir: str | None = setting(None, "where token files are cached (default ~/.cache/palm_rlhf)")
 
@@ -107,11 +104,9 @@ def build_optimizer(palm, cfg):
 
 
 def train(cfg: TrainLMConfig):
+    """The whole run, in order (data, model, the loop, the end), so that a reader sees the loop."""
     out_dir = Path(cfg.out_dir)
-    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
-                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
-                                   project_dir=str(out_dir))
-    set_seed(cfg.seed)
+    accelerator = script_accelerator(cfg, cfg.batch_size)
     try:
         with accelerator.main_process_first():  # one process tokenizes, the others read its cache
             tokenizer = build_tokenizer(cfg, out_dir, accelerator.is_main_process)

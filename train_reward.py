@@ -41,7 +41,7 @@ from palm_rlhf.reward import (
     RewardConfig, RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating,
     pad_right, preference_accuracy, split_prompt,
 )
-from palm_rlhf.training import Run, available_trackers, load_lm, lr_lambda_warmup_cosine, make_accelerator, set_seed
+from palm_rlhf.training import Run, RunConfig, load_lm, lr_lambda_warmup_cosine, script_accelerator
 
 PLOT = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
         ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]
@@ -49,7 +49,7 @@ VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEdito
 
 
 @dataclass
-class TrainRewardConfig(RewardConfig):
+class TrainRewardConfig(RunConfig, RewardConfig):
     """Train a reward model (PaLM + LoRA + head) on human ratings; checkpoints resume; metrics go to CSV and a plot."""
 
     lm_checkpoint: str = setting("runs/lm/final", "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset")
@@ -69,13 +69,9 @@ class TrainRewardConfig(RewardConfig):
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak (cosine decay)", at_least=0, at_most=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
-    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
-                                          choices=("no", "fp16", "bf16"))
     eval_every: int = setting(200, "steps between held-out evaluations", at_least=1)
     max_test: int | None = setting(None, "cap on held-out ratings and pairs evaluated (quick checks)", at_least=1)
-    checkpoint_every: int = setting(100, "steps between resumable checkpoints", at_least=1)
-    out_dir: str = setting("runs/reward", "run folder: checkpoint/, final/, metrics.csv, plot")
-    resume: bool = setting(False, "continue from out_dir/checkpoint")
+    out_dir: str = setting("runs/reward", "run folder: checkpoint/, final/, metrics.csv, reward.png")
     seed: int = setting(0, "seed for the head, data order and pairing")
 
 
@@ -280,11 +276,9 @@ def training_loss(model, palm, data, cfg, step, rank, device) -> torch.Tensor:
 
 
 def train(cfg: TrainRewardConfig) -> dict:
+    """The whole run, in order (data, model, baselines, the loop, the end), so that a reader sees the loop."""
     out_dir = Path(cfg.out_dir)
-    accelerator = make_accelerator(cfg.batch_size, cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
-                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(),
-                                   project_dir=str(out_dir))
-    set_seed(cfg.seed)
+    accelerator = script_accelerator(cfg, cfg.batch_size)
     data = load_data(cfg)
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.finetune_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

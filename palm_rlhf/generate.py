@@ -1,7 +1,7 @@
 """Sampling from a PaLM: filters, one sampled token, and the decoding loop over a batch of prompts.
 
-`generate(model, seq_len, prompt, ...)` encodes the (left-padded) prompts once into the model's KV
-cache (`model.new_cache`), then takes one token per step for every row, each step one forward pass
+`generate(model, seq_len, prompt, ...)` encodes the (left-padded) prompts once into a KV cache
+(`KVCache`: one key/value head per layer, preallocated, so each step writes in place), then takes one token per step for every row, each step one forward pass
 of one token per row, until every row has emitted EOS or the sequences reach `seq_len`. Like
 gpt-fast's and nanochat's engines it knows nothing of tokenization: token ids in, token ids out.
 Choices, and where they come from:
@@ -17,8 +17,7 @@ Choices, and where they come from:
   decodes until all have ended (`synced_gpus`, transformers' name).
 - The loop runs under torch.inference_mode and returns plain tensors (`outside_autograd`).
 
-The model is anything with `forward(x, mask=, cache=, finetune_scope=, disable_lora=)`, `new_cache`,
-`pad_id`, `device` and `causal`: model.PaLM.
+The model is model.PaLM; the KV cache its forward pass writes to is here, with the loop that fills it.
 """
 import functools
 
@@ -27,8 +26,75 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import weights_sharded
-from palm_rlhf.model import eval_mode
+from palm_rlhf.model import activation_dtype, eval_mode, rotary_tables
 from palm_rlhf.tokenizer import pad
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache: one key/value head per layer, preallocated so each decoding step writes in place
+
+
+class KVCache:
+    """What a decoding step reads and writes per layer (`model.ParallelBlock` calls `update`), and the
+    positions and key mask of every row."""
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
+        """An empty cache for `batch` rows of up to `max_len` tokens, in the dtype `model` computes in."""
+        return cls(len(model.layers), batch, max_len, model.config.dim_head, model.device,
+                   activation_dtype(model.token_emb.weight), model.xpos_scale_base)
+
+    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, device, dtype,
+                 xpos_scale_base: int | None = None):
+        self.k = torch.zeros(depth, batch, 1, max_len, dim_head, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.any_padding = False
+        # the rotary tables of every position the cache can hold, built once: a step gathers its rows
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin, xpos = rotary_tables(positions, dim_head, xpos_scale_base, dtype)
+        self.rotary_table = (cos[0, 0], sin[0, 0], None if xpos is None else tuple(t[0, 0] for t in xpos))
+
+    def append(self, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Registers n new tokens, real where mask (b, n) says (all of them when None); returns their
+        positions (b, n)."""
+        if mask is None and n == 1:  # a decoding step: three small ops
+            self.key_mask[:, self.length].fill_(True)
+            positions = self.next_position[:, None]
+            self.next_position = self.next_position + 1
+            return positions
+        if mask is None:
+            mask = torch.ones(self.key_mask.shape[0], n, dtype=torch.bool, device=self.key_mask.device)
+        self.key_mask[:, self.length : self.length + n] = mask
+        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
+        self.next_position = self.next_position + mask.long().sum(dim=1)
+        self.any_padding = self.any_padding or not bool(mask.all())
+        return positions.clamp(min=0)
+
+    def rotary(self, positions: torch.Tensor):
+        """rotary_tables(positions, ...) for positions (b, n), gathered from the tables built once."""
+        cos, sin, xpos = self.rotary_table
+        xpos = None if xpos is None else tuple(t[positions][:, None] for t in xpos)
+        return cos[positions][:, None], sin[positions][:, None], xpos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes this step's (b, 1, n, d) keys/values; returns all keys/values so far."""
+        n = k.shape[2]
+        self.k[layer, :, :, self.length : self.length + n] = k
+        self.v[layer, :, :, self.length : self.length + n] = v
+        end = self.length + n
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_interleave(self, repeats: int):
+        """Each row becomes `repeats` consecutive rows (b -> b * repeats): a prompt encoded once
+        then serves every sample drawn from it."""
+        self.k = self.k.repeat_interleave(repeats, dim=1)  # (depth, b * repeats, 1, max_len, d)
+        self.v = self.v.repeat_interleave(repeats, dim=1)
+        self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
+        self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
+
+
 
 # ---------------------------------------------------------------------------------------------------
 # one token
@@ -125,7 +191,7 @@ class Decoder:
             self.seq_mask = prompt_mask.repeat_interleave(samples, dim=0)
             self.logits = model(self.seq, mask=self.seq_mask, **scope)[:, -1]
             return
-        self.cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+        self.cache = KVCache.for_model(model, prompt.shape[0], prompt.shape[1] + steps)
         self.logits = model(prompt, mask=prompt_mask, cache=self.cache, **scope)[:, -1]  # the prefill
         if samples > 1:  # each prompt's cache serves its samples
             self.cache.repeat_interleave(samples)

@@ -13,12 +13,12 @@ with Pathways"), section 2. Each choice and where it comes from:
   kernels, Dao et al. 2022), the `flash-attn` package on CUDA when installed, and a plain math path
   that is the reference the others are tested against.
 
-This file holds the config and its presets, rotary embeddings, the attention backends, the KV
-cache a decoding step writes to, the parallel block and `PaLM` (forward, the LM loss, per-token
-log-probs). Around it: fine-tune scopes (LoRA adapters or trainable copies of the last N layers, so
+This file holds the config and its presets, rotary embeddings, the attention backends, the parallel
+block and `PaLM` (forward, the LM loss, per-token log-probs). Around it: fine-tune scopes (LoRA adapters or trainable copies of the last N layers, so
 that one frozen PaLM serves as actor, critic, reward model and, with `disable_lora=True`, the frozen
 reference; Hydra-RLHF, Santacroce et al. 2023) in lora.py, sampling in generate.py, saving and
-loading in checkpoint.py; `PaLM` keeps short methods that call them.
+loading in checkpoint.py; `PaLM` keeps short methods that call them. A forward pass takes a KV cache
+(generate.KVCache: each layer writes its keys and values there and reads them back).
 
 Notation: b batch, n query length, m key length, h heads, d head dim, D model dim, v vocab.
 """
@@ -199,63 +199,6 @@ def resolve_attn_backend(flash_attn: bool) -> str:
             "(pip install palm-rlhf[flash] on a CUDA machine for the flash-attn kernels)"
         )
     return "sdpa"
-
-
-# ---------------------------------------------------------------------------------------------------
-# KV cache: one key/value head per layer, preallocated so each decoding step writes in place
-
-
-class KVCache:
-    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, device, dtype,
-                 xpos_scale_base: int | None = None):
-        self.k = torch.zeros(depth, batch, 1, max_len, dim_head, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0
-        self.any_padding = False
-        # the rotary tables of every position the cache can hold, built once: a step gathers its rows
-        positions = torch.arange(max_len, device=device)[None]
-        cos, sin, xpos = rotary_tables(positions, dim_head, xpos_scale_base, dtype)
-        self.rotary_table = (cos[0, 0], sin[0, 0], None if xpos is None else tuple(t[0, 0] for t in xpos))
-
-    def append(self, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Registers n new tokens, real where mask (b, n) says (all of them when None); returns their
-        positions (b, n)."""
-        if mask is None and n == 1:  # a decoding step: three small ops
-            self.key_mask[:, self.length].fill_(True)
-            positions = self.next_position[:, None]
-            self.next_position = self.next_position + 1
-            return positions
-        if mask is None:
-            mask = torch.ones(self.key_mask.shape[0], n, dtype=torch.bool, device=self.key_mask.device)
-        self.key_mask[:, self.length : self.length + n] = mask
-        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
-        self.next_position = self.next_position + mask.long().sum(dim=1)
-        self.any_padding = self.any_padding or not bool(mask.all())
-        return positions.clamp(min=0)
-
-    def rotary(self, positions: torch.Tensor):
-        """rotary_tables(positions, ...) for positions (b, n), gathered from the tables built once."""
-        cos, sin, xpos = self.rotary_table
-        xpos = None if xpos is None else tuple(t[positions][:, None] for t in xpos)
-        return cos[positions][:, None], sin[positions][:, None], xpos
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes this step's (b, 1, n, d) keys/values; returns all keys/values so far."""
-        n = k.shape[2]
-        self.k[layer, :, :, self.length : self.length + n] = k
-        self.v[layer, :, :, self.length : self.length + n] = v
-        end = self.length + n
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def repeat_interleave(self, repeats: int):
-        """Each row becomes `repeats` consecutive rows (b -> b * repeats): a prompt encoded once
-        then serves every sample drawn from it."""
-        self.k = self.k.repeat_interleave(repeats, dim=1)  # (depth, b * repeats, 1, max_len, d)
-        self.v = self.v.repeat_interleave(repeats, dim=1)
-        self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
-        self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,13 +402,14 @@ class PaLM(FinetuneScopes, nn.Module):
         disable_lora: bool = False,
         return_only_embedding: bool = False,
         extra_embed: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache=None,
     ):
         """x (b, n) token ids; mask (b, n) True for real tokens (any padding, positions follow the mask).
 
         Returns logits (b, n, v); the final embeddings (b, n, D) with `return_only_embedding`; or,
         with `return_loss`, the mean next-token cross-entropy of x[:, 1:] given x[:, :-1] (PAD targets
-        and masked targets ignored).
+        and masked targets ignored). (Longer than a helper: training, a prefill and a decoding step
+        each choose their positions and attention mask here, and then share the same layers.)
         """
         if return_loss:
             inputs, targets = x[:, :-1], x[:, 1:]
@@ -532,11 +476,6 @@ class PaLM(FinetuneScopes, nn.Module):
             )
 
     # --- sampling (generate.py) and checkpoints (checkpoint.py) -----------------------------------
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens, in the dtype the layers compute in."""
-        return KVCache(len(self.layers), batch, max_len, self.config.dim_head, self.device,
-                       activation_dtype(self.token_emb.weight), self.xpos_scale_base)
 
     def generate(self, seq_len: int, prompt, **options):
         """Samples until each sequence is `seq_len` long, prompt included (as PaLM-rlhf-pytorch):

@@ -12,11 +12,11 @@ from palm_rlhf.config import setting
 from palm_rlhf.data import load_rated_snippets, review_prompts, split_snippets, vader_compound
 from palm_rlhf.reward import RewardEnsemble, RewardModel, encode_reward_input, pad_right, split_prompt
 from palm_rlhf.rl import decode_responses, prompt_list
-from palm_rlhf.training import load_lm
+from palm_rlhf.training import RunConfig, load_lm
 
 
 @dataclass
-class RLStageConfig:
+class RLStageConfig(RunConfig):
     """What train_ppo.py and train_grpo.py add to their trainer's config: the models, the held-out
     prompts, the run folder."""
 
@@ -28,10 +28,7 @@ class RLStageConfig:
     prompt_words: int = setting(4, "words of each held-out review snippet used as a prompt", at_least=1)
     num_eval_prompts: int = setting(256, "the last prompts, kept out of training for the before/after table (evaluate.py measures on the same 256)", at_least=1)
     best_of: str = setting("1,4", "N of the best-of-N comparison at the end (evaluate.py draws the whole curve)")
-    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
-                                          choices=("no", "fp16", "bf16"))
     checkpoint_every: int = setting(10, "iterations between resumable checkpoints", at_least=1)
-    resume: bool = setting(False, "continue from out_dir/checkpoint")
 
 
 def mean_vader(texts) -> float:
@@ -122,3 +119,37 @@ def report(before: dict, after: dict, best_of: list, method: str, stats: dict, e
     return (f"\non {len(eval_prompts)} held-out prompts, sampled at seed {seed} (KL to the LM at the end: {kl})\n"
             + comparison_table(before, after, best_of, method)
             + f"\nbefore: {before[1]['example']!r}\nafter:  {after['example']!r}")
+
+
+def held_out_before(run, trainer, eval_prompts, cfg, best_of: list) -> dict:
+    """The LM's best-of-N scores on the held-out prompts (the actor starts equal to it), or, resumed,
+    those the checkpoint kept; logged at step 0 as eval_score and eval_vader."""
+    if run.resumed:
+        return {int(n): v for n, v in run.resumed["before"].items()}
+    before = {n: evaluate(trainer, eval_prompts, cfg, n) for n in best_of}
+    run.log(0, eval_score=before[1]["score"], eval_vader=before[1]["vader"])
+    return before
+
+
+def log_iteration(run, samples, trainer, iteration: int, stats: dict, rollout) -> None:
+    """An iteration's diagnostics and its responses' VADER to metrics.csv, its prompts and responses to
+    samples.jsonl; a non-finite loss stops the run. Each process's responses are its own: their VADER
+    is averaged over processes (equal counts)."""
+    run.check_loss(sum(v for k, v in stats.items() if k.endswith("loss")), iteration)
+    responses = rollout.responses(trainer.tokenizer)
+    vader = trainer.accelerator.reduce(torch.tensor(mean_vader(responses), device=trainer.device), "mean")
+    run.log(iteration + 1, **stats, vader=vader)
+    samples.log(iteration + 1, rollout.prompt_texts(trainer.tokenizer), responses)
+    run.postfix(**{k: stats[k] for k in ("score", "kl", "response_length") if k in stats})
+
+
+def finish(run, trainer, eval_prompts, cfg, before: dict, best_of: list, method: str, stats: dict) -> dict:
+    """The end of an RL script's run: the tuned actor on the held-out prompts, the run's end (the
+    final merged policy), and the report -> dict(before, after)."""
+    after = evaluate(trainer, eval_prompts, cfg)
+    run.log(cfg.iterations, eval_score=after["score"], eval_vader=after["vader"])
+    final = run.finish(trainer.save_policy)
+    if trainer.accelerator.is_main_process:
+        print(report(before, after, best_of, method, stats, eval_prompts, cfg.seed))
+        print(f"tuned policy in {final}; metrics in {run.out_dir / 'metrics.csv'}, plot {run.out_dir / run.plot_file}")
+    return dict(before=before, after=after)

@@ -22,10 +22,34 @@ from accelerate.utils import (  # noqa: F401 (set_seed is re-exported)
 )
 from tqdm.auto import tqdm
 
+from dataclasses import dataclass
+
+from palm_rlhf.config import setting
 from palm_rlhf.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, weights_sharded, write_run_record
 from palm_rlhf.model import PaLM, PaLMConfig
 
 # set_seed(seed) is accelerate's: it seeds python, numpy and torch (and CUDA) in one call.
+
+
+@dataclass
+class RunConfig:
+    """What every training script's run takes beside its own settings (each script's config extends it
+    and sets out_dir's and checkpoint_every's defaults)."""
+
+    mixed_precision: str | None = setting(None, "no, fp16 or bf16; by default what accelerate launch was given (--mixed_precision, its config), else no",
+                                          choices=("no", "fp16", "bf16"))
+    checkpoint_every: int = setting(100, "steps between resumable checkpoints", at_least=1)
+    out_dir: str = setting("runs/run", "run folder: checkpoint/, final/, metrics.csv, plot")
+    resume: bool = setting(False, "continue from out_dir/checkpoint")
+
+
+def script_accelerator(cfg, micro_batch_size: int) -> Accelerator:
+    """The Accelerator of a script's run (its precision, accumulation and clipping, trackers in
+    out_dir), with every RNG seeded from cfg.seed."""
+    accelerator = make_accelerator(micro_batch_size, cfg.max_grad_norm, gradient_accumulation_steps=getattr(cfg, "grad_accum", 1),
+                                   mixed_precision=cfg.mixed_precision, log_with=available_trackers(), project_dir=str(cfg.out_dir))
+    set_seed(cfg.seed)
+    return accelerator
 
 
 def load_lm(path: str, preset: str | None = None, needs_tokenizer: bool = True) -> PaLM:

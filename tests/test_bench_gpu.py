@@ -8,7 +8,7 @@ from launch import ROOT
 from torch.utils.flop_counter import FlopCounterMode
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.model import KVCache
+from palm_rlhf.generate import KVCache
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402

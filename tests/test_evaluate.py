@@ -114,12 +114,17 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("frontier")
     torch.manual_seed(0)
     lm = PaLM.from_config(PaLMConfig.from_name("tiny"))  # near-uniform over bytes: every sample differs
+    return save_lm_and_a_copy(root, lm, "other", lambda other: other.token_emb.weight.add_(0.3 * torch.randn_like(other.token_emb.weight)))
+
+
+def save_lm_and_a_copy(root, lm, name: str, change):
+    """root/lm, root/reward (a binned reward model on it) and root/<name>: the LM with `change` applied."""
     lm.save(root / "lm")
     RewardModel(lm, num_binned_output=5).save(root / "reward")
-    other = PaLM.from_pretrained(root / "lm")
+    copy = PaLM.from_pretrained(root / "lm")
     with torch.no_grad():
-        other.token_emb.weight.add_(0.3 * torch.randn_like(other.token_emb.weight))
-    other.save(root / "other")
+        change(copy)
+    copy.save(root / name)
     return root
 
 
@@ -177,13 +182,7 @@ def one_token_models(tmp_path_factory):
     torch.manual_seed(0)
     lm = PaLM.from_config(PaLMConfig.from_name("tiny", tie_embedding=False))
     torch.nn.init.normal_(lm.to_logits.weight, std=0.5)  # a peaked next-byte distribution
-    lm.save(root / "lm")
-    RewardModel(lm, num_binned_output=5).save(root / "reward")
-    tilted = PaLM.from_pretrained(root / "lm")
-    with torch.no_grad():
-        tilted.to_logits.weight.add_(0.2 * torch.randn_like(tilted.to_logits.weight))
-    tilted.save(root / "tilted")
-    return root
+    return save_lm_and_a_copy(root, lm, "tilted", lambda tilted: tilted.to_logits.weight.add_(0.2 * torch.randn_like(tilted.to_logits.weight)))
 
 
 def one_token_config(root, out_dir, temperature=1.0, num_prompts=64):
