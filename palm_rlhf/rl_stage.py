@@ -41,10 +41,10 @@ def load_models(cfg):
     cfg.reward_checkpoint attached to its base (several, comma-separated: an ensemble); a missing
     folder names the script that makes it."""
     reward_paths = [path.strip() for path in cfg.reward_checkpoint.split(",") if path.strip()]
+    palm = load_lm(cfg.lm_checkpoint)  # first: a missing LM names the first stage that has not run
     for path in reward_paths:
         if not Path(path).is_dir():
             raise SystemExit(f"--reward_checkpoint {path}: no such folder; run train_reward.py first")
-    palm = load_lm(cfg.lm_checkpoint)
     # the reward model's scope and head go onto the policy's base: one frozen base for all roles
     if len(reward_paths) == 1:
         return palm, RewardModel.from_pretrained(reward_paths[0], palm=palm)
