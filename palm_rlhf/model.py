@@ -185,19 +185,17 @@ _warned_flash_fallback = False
 
 
 def resolve_attn_backend(flash_attn: bool) -> str:
-    """'flash' (flash-attn package) > 'sdpa' > 'math'. flash_attn=True without CUDA falls back once, loudly."""
+    """'flash' (flash-attn package) > 'sdpa' > 'math'. flash_attn=True (the default) takes SDPA
+    silently on a CPU, where flash-attn cannot run, and says so once on a CUDA machine without it."""
     global _warned_flash_fallback
     if not flash_attn:
         return "math"
     if flash_attn_available():
         return "flash"
-    if not _warned_flash_fallback:
+    if torch.cuda.is_available() and not _warned_flash_fallback:
         _warned_flash_fallback = True
-        where = "no CUDA device" if not torch.cuda.is_available() else "the flash-attn package is not installed"
-        warnings.warn(
-            f"flash_attn=True but {where}: using torch's scaled_dot_product_attention "
-            "(pip install palm-rlhf[flash] on a CUDA machine for the flash-attn kernels)"
-        )
+        warnings.warn("flash_attn=True but the flash-attn package is not installed: using torch's "
+                      "scaled_dot_product_attention (pip install palm-rlhf[flash] for the flash-attn kernels)")
     return "sdpa"
 
 

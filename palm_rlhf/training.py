@@ -125,7 +125,10 @@ def lr_lambda_warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: floa
 def check_in_sync(accelerator, model) -> None:
     """Raises RuntimeError if the processes' copies of `model` differ (a sum of its parameters,
     gathered from every process), else prints that they agree. Call it on every process: with
-    data parallelism every copy must stay the same, and a process that drifted is a silent bug."""
+    data parallelism every copy must stay the same, and a process that drifted is a silent bug. One
+    process has nothing to compare, and says nothing."""
+    if accelerator.num_processes == 1:
+        return
     unwrapped = extract_model_from_parallel(model)
     if weights_sharded(unwrapped):  # no process holds a whole copy to compare
         accelerator.print(f"weights sharded across {accelerator.num_processes} process(es)")
