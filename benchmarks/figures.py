@@ -1,7 +1,7 @@
 """Reproduces the README's results: the first command's stages, the default RL stages over seeds, and
 their frontier, then compares what it measured with the figures the README prints (docs/figures.json).
 
-    python benchmarks/figures.py                      # all of it, into runs/ (about 80 minutes on 2 cores)
+    python benchmarks/figures.py                      # all of it, into runs/ (about 105 minutes on 2 cores)
     python benchmarks/figures.py --only first_command --check   # train_lm, train_reward, train_ppo; fail on drift
     python benchmarks/figures.py --runs runs --report # the tables from runs already there
 

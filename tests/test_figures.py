@@ -52,7 +52,7 @@ def test_the_readme_figures_file_names_only_figures_that_are_measured(tmp_path):
 
 @pytest.mark.slow
 def test_the_first_command_reproduces_the_readme_figures(tmp_path):
-    # about 27 minutes on 2 cores: train_lm.py, train_reward.py, train_ppo.py, evaluate.py
+    # about 40 minutes on 2 cores: train_lm.py, train_reward.py, train_ppo.py, evaluate.py
     out = subprocess.run([sys.executable, "benchmarks/figures.py", "--only", "first_command", "--check",
                           "--runs", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
