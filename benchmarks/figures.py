@@ -9,6 +9,7 @@ A stage whose final folder exists is not run again. The first command's figures 
 one machine and thread count, not across them (a different reduction order flips a sampled token,
 and RL amplifies it), so --check compares to a tolerance and the seeds' spread is the figure to quote.
 """
+import csv
 import json
 import math
 import subprocess
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from palm_rlhf.config import parse_config, setting  # noqa: E402
+from palm_rlhf.training import read_metrics  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 BAR = dict(vader_gain=0.30, kl=10.0, bits_per_byte_ratio=1.25)  # the RL stage's bar (README, Results)
@@ -61,20 +63,16 @@ def run_stage(done_marker: Path, command: list) -> None:
 
 
 def read_frontier(path: Path) -> dict:
-    lines = path.read_text().splitlines()
-    columns = lines[0].split(",")
-    rows = {}
-    for line in lines[1:]:
-        values = dict(zip(columns, line.split(",")))
-        rows[values["name"]] = {k: float(v) for k, v in values.items() if k not in ("name", "method", "command") and v}
-    return rows
+    """evaluate.py's frontier.csv as {name: {metric: value}} (its command cells are quoted)."""
+    with open(path, newline="") as file:
+        return {row["name"]: {k: float(v) for k, v in row.items() if k not in ("name", "method", "command") and v}
+                for row in csv.DictReader(file)}
 
 
 def measured(runs: Path) -> dict:
     """The figures the README quotes, from the run folders."""
     figures = {}
-    lm_metrics = (runs / "lm" / "metrics.csv").read_text().splitlines()
-    figures["lm_val_bpb"] = [float(line.split(",")[2]) for line in lm_metrics if ",val_bpb," in line][-1]
+    figures["lm_val_bpb"] = read_metrics(runs / "lm" / "metrics.csv")["val_bpb"][1][-1]
     figures["reward_pairwise_accuracy"] = json.loads((runs / "reward" / "final_metrics.json").read_text())["test_pairwise_acc"]
     frontier = read_frontier(runs / "eval" / "frontier.csv")
     lm = frontier["LM"]

@@ -26,7 +26,7 @@ def write_runs(runs: Path, rows: list[str]) -> None:
 
 def test_figures_are_read_from_the_run_folders_and_the_bar_counts_seeds(tmp_path):
     write_runs(tmp_path, ["ppo@s0,ppo,0.45,0.01,7.0,1.60,python train_ppo.py",  # +0.35 at 7 nats: clears
-                          "ppo@s1,ppo,0.35,0.01,6.0,1.60,",                     # +0.25: short of the gain
+                          'ppo@s1,ppo,0.35,0.01,6.0,1.60,"train_ppo.py --reward_checkpoint a,b"',  # +0.25: short of the gain
                           "ppo@s2,ppo,0.50,0.01,12.0,1.60,",                    # past 10 nats
                           "ppo@s3,ppo,0.50,0.01,8.0,2.20,"])                    # bits per byte 1.29x the LM's
     measured = figures.measured(tmp_path)
