@@ -21,7 +21,7 @@ from palm_rlhf.rl_stage import (
 )
 from palm_rlhf.training import Run, SampleLogger, script_accelerator
 
-PLOT = [["score", "eval_score"], ["kl"], ["vader", "eval_vader"], ["response_length"],
+PLOT = [["score", "eval_score"], ["kl"], ["beta"], ["vader", "eval_vader"], ["response_length"],
         ["approx_kl", "clip_fraction", "zero_variance_groups"]]
 
 
@@ -42,11 +42,12 @@ def train(cfg: TrainGRPOConfig) -> dict:
     except ValueError as error:  # a window without room for a response
         raise SystemExit(f"train_grpo.py: {error}") from None
 
-    state = {}  # what a checkpoint keeps beside the weights: the LM's scores
+    state = {}  # what a checkpoint keeps beside the weights: the LM's scores, an adaptive beta
     run = Run(cfg, accelerator, name="grpo", total=cfg.iterations, model=trainer.actor, optimizer=trainer.optimizer,
-              extra_state=lambda: dict(state), plot=PLOT, unit="iteration")
+              extra_state=lambda: dict(state, beta=trainer.kl.beta), plot=PLOT, unit="iteration")
     state["before"] = held_out_before(run, trainer, eval_prompts, cfg, best_of)
-    trainer.iteration = run.start  # iteration `start` draws its prompts and samples as it would have
+    if run.resumed:  # iteration `start` draws its prompts and samples as it would have; an adaptive beta resumes
+        trainer.iteration, trainer.kl.beta = run.start, run.resumed["beta"]
     samples = SampleLogger(cfg.out_dir, accelerator, resume=cfg.resume)
 
     stats = {}  # the last iteration's, for the report

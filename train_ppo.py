@@ -21,7 +21,7 @@ from palm_rlhf.rl_stage import (
 )
 from palm_rlhf.training import Run, SampleLogger, script_accelerator
 
-PLOT = [["score", "eval_score"], ["kl"], ["vader", "eval_vader"], ["response_length"],
+PLOT = [["score", "eval_score"], ["kl"], ["beta"], ["vader", "eval_vader"], ["response_length"],
         ["approx_kl", "clip_fraction", "explained_variance"]]
 
 

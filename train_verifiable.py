@@ -60,7 +60,7 @@ class TrainVerifiableConfig:
     prompts_per_step: int = field(default=16, metadata={"help": "problems per GRPO step"})
     group_size: int = field(default=8, metadata={"help": "responses sampled per problem: the group of GRPO's advantage"})
     estimator: str = field(default="grpo", metadata={"help": "advantage estimator of the GRPO trainer"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the SFT model (0: no reference pass)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the SFT model, fixed (0: no reference pass)"})
     grpo_lr: float = field(default=1e-3, metadata={"help": "learning rate of GRPO's LoRA"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the GRPO policy"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
@@ -146,7 +146,7 @@ def train_grpo(palm, cfg, train_problems, curve_problems, metrics, accelerator) 
     trainer = GRPOTrainer(
         palm=palm, reward_fn=verifiable_reward_fn(train_problems), prompts=[p.prompt for p in train_problems],
         estimator=cfg.estimator, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, beta=cfg.beta,
-        kl_in="loss", lr=cfg.grpo_lr, lora_r=cfg.lora_r, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
+        kl_target=None, kl_in="loss", lr=cfg.grpo_lr, lora_r=cfg.lora_r, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
         temperature=cfg.temperature, max_grad_norm=1.0, seed=cfg.seed, accelerator=accelerator,
     )
     max_seq_len = max(len(p.prompt) for p in train_problems) + 1 + max_new_tokens(cfg)  # + 1: the leading EOS

@@ -8,7 +8,8 @@ from the scores of its group. One iteration (`GRPOTrainer.step`), each step numb
     2. log-probs of the responses under the sampling policy (pi_old of the ratio) and, when
        beta > 0, under the frozen reference
     3. scores from the reward model or reward function; with kl_in="reward", beta times the summed
-       k1 KL of each response is subtracted from its score, as PPO's reward does
+       k1 KL of each response is subtracted from its score, as PPO's reward does; beta adapts to
+       kl_target as PPO's (Ziegler et al. 2019, eq. 2) unless kl_target is none
     4. one advantage per response, given to each of its tokens: GRPO's (r - mean) / std
        (Shao et al. 2024), Dr. GRPO's r - mean (Liu et al. 2025) or RLOO's r - mean of the others
        (Ahmadian et al. 2024), over the G scores of its prompt
@@ -41,6 +42,8 @@ Where this departs from the papers:
        any, acts), not dropped and resampled (DAPO's dynamic sampling); their share is reported.
     7. Optionally, a response that never emits EOS has `missing_eos_penalty` subtracted from its
        score before the group baseline (as ppo.py).
+    8. beta is PPO's adaptive one by default (the papers keep it fixed): each iteration moves it
+       towards the KL target, so that a seed that moves slowly is pushed and a fast one held back.
 """
 import math
 from dataclasses import dataclass
@@ -53,7 +56,8 @@ from torch import nn
 from palm_rlhf.config import require, setting, with_settings
 from palm_rlhf.model import PaLM
 from palm_rlhf.rl import (
-    Actor, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean, token_mean,
+    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean,
+    token_mean,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,8 +172,8 @@ class GroupRollout(RolloutTensors):
 
 @dataclass
 class GRPOConfig(RLConfig):
-    """The group methods' settings; the defaults (RLOO, the KL in the reward at beta 0.2) are those
-    that clear the README's bar on the default models."""
+    """The group methods' settings; the defaults (RLOO, the KL in the reward, beta from 0.2 towards
+    7 nats per response) are those that clear the README's bar on the default models."""
 
     iterations: int = setting(120, "iterations (a rollout of prompts_per_step x group_size, then its updates)", at_least=1)
     estimator: str = setting("rloo", "advantage: rloo (r - mean of the others), grpo ((r - mean) / std) or dr_grpo (r - mean)",
@@ -180,7 +184,7 @@ class GRPOConfig(RLConfig):
     lora_r: int = setting(8, "LoRA rank of the policy", at_least=1)
     lora_scope: str = setting("actor", "name of the policy's fine-tune scope on the PaLM")
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
-    beta: float = setting(0.2, "KL coefficient; 0 skips the reference model entirely", at_least=0)
+    beta: float = setting(0.2, "KL coefficient (the initial value when adaptive); 0 skips the reference model entirely", at_least=0)
     kl_in: str = setting("reward", "loss (k3 per token, as GRPO) or reward (k1 per response subtracted from the score, as PPO)",
                          choices=("loss", "reward"))
     loss_aggregation: str = setting("token", "token (mean over the batch's tokens, DAPO), sequence (mean of per-response means, GRPO) or constant (sum / responses x budget, Dr. GRPO)",
@@ -217,6 +221,7 @@ class GRPOTrainer(PolicyTrainer):
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
         self.advantage_fn = ADVANTAGE_ESTIMATORS[config.estimator]
+        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon)  # beta 0 stays 0
         self.add_scopes({config.lora_scope: config.lora_r})
         actor = Actor(palm, config.lora_scope)
         optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
@@ -239,12 +244,13 @@ class GRPOTrainer(PolicyTrainer):
         # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
         rewards = samples.scores - samples.penalty
         groups = rewards.view(-1, c.group_size)  # (P, G)
-        stats = dict(score=samples.scores.mean(), **samples.stats(), zero_variance_groups=constant_groups(groups).float().mean())
+        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(),
+                     zero_variance_groups=constant_groups(groups).float().mean())
         if samples.ref_log_probs is not None:
             kl = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask).sum(dim=1)  # (P * G,)
             stats["kl"] = kl.mean()
             if c.kl_in == "reward":
-                groups = (rewards - c.beta * kl).view(-1, c.group_size)
+                groups = (rewards - self.kl.beta * kl).view(-1, c.group_size)
         # 4. group-relative advantages, one per response
         advantages = self.advantage_fn(groups).view(-1)
         rollout = GroupRollout(samples.seq, samples.mask, advantages, samples.log_probs, samples.ref_log_probs,
@@ -267,16 +273,21 @@ class GRPOTrainer(PolicyTrainer):
         if c.beta > 0 and c.kl_in == "loss":  # GRPO's per-token k3 KL(pi || pi_ref), differentiated through pi
             diagnostics["kl_loss"] = aggregate_loss(kl_penalty(log_probs, mb["ref_log_probs"], "k3", resp_mask), resp_mask,
                                                     c.loss_aggregation, rollout.max_new_tokens, normalizers)
-            return policy_loss + c.beta * diagnostics["kl_loss"], diagnostics
+            return policy_loss + self.kl.beta * diagnostics["kl_loss"], diagnostics
         return policy_loss, diagnostics
 
     def step(self, max_seq_len: int | None = None, prompts_per_step: int | None = None, temperature: float | None = None):
         """One iteration on `prompts_per_step` prompts (the config's by default) drawn for this
         process, `group_size` responses to each -> (diagnostics, rollout)."""
-        prompts, generator = self.draw_prompts(prompts_per_step or self.config.prompts_per_step)
+        prompts_per_step = prompts_per_step or self.config.prompts_per_step
+        prompts, generator = self.draw_prompts(prompts_per_step)
         rollout, stats = self.rollout(prompts, max_seq_len, temperature, generator=generator)
         stats.update(self.learn(rollout))
-        return self.reduce_stats(stats), rollout
+        # as PPO's: the same diagnostics everywhere, so beta stays the same on every process
+        stats = self.reduce_stats(stats)
+        if "kl" in stats:
+            self.kl.update(stats["kl"], prompts_per_step * self.config.group_size * self.accelerator.num_processes)
+        return stats, rollout
 
     def train(self, num_episodes: int | None = None, max_seq_len: int | None = None, prompts_per_step: int | None = None,
               temperature: float | None = None, callback=None) -> list[dict]:

@@ -7,7 +7,8 @@ Models from Human Preferences") and InstructGPT (Ouyang et al. 2022), each step 
        truncated after their first EOS; log-probs of the policy softmax(logits / T)
     2. per-token reward r_t = -beta * KL_t(policy || reference), plus the reward model's score on the
        last response token (or, from a process reward model with `token_rewards`, such as
-       ImplicitPRM, its reward on every response token); beta fixed or adaptive (Ziegler et al. eq. 2)
+       ImplicitPRM, its reward on every response token); beta adaptive, aiming at kl_target nats per
+       response (Ziegler et al. eq. 2), or fixed with kl_target none
     3. values V_t from the critic (its own LoRA scope on the same base, plus a zero-initialised head)
     4. GAE advantages and returns (Schulman et al. 2016), advantages whitened over the batch
     5. epochs x minibatches of the clipped policy loss, clipped value loss and entropy bonus
@@ -55,7 +56,7 @@ from torch import nn
 from palm_rlhf.config import require, setting, with_settings
 from palm_rlhf.model import PaLM
 from palm_rlhf.rl import (
-    Actor, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_var,
+    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_var,
     masked_whiten, token_mean,
 )
 
@@ -107,22 +108,6 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float = 0.2, num
 def explained_variance(values, returns, mask) -> torch.Tensor:
     """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-
-
-class KLController:
-    """beta of the KL penalty: fixed, or adaptive with `target` (Ziegler et al. 2019, eq. 2):
-
-        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
-    """
-
-    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl: float, n_steps: int):
-        if self.target is not None:
-            error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.beta *= 1 + error * n_steps / self.horizon
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,8 +191,6 @@ class PPOConfig(RLConfig):
     weight_decay: float = setting(0.0, "AdamW weight decay of the actor", at_least=0)
     critic_weight_decay: float | None = setting(None, "AdamW weight decay of the critic (none: weight_decay)", at_least=0)
     beta: float = setting(0.2, "KL penalty coefficient (the initial value when adaptive)", at_least=0)
-    kl_target: float | None = setting(None, "target KL per response for an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
-    kl_horizon: int = setting(10000, "horizon of the adaptive KL controller, in responses", at_least=1)
     kl_estimator: str = setting("k1", "the per-token KL in the reward: k1, k2 or k3 (Schulman 2020)", choices=("k1", "k2", "k3"), label="KL estimator")
     gamma: float = setting(1.0, "discount of GAE", at_least=0, at_most=1)
     lam: float = setting(0.95, "lambda of GAE", at_least=0, at_most=1)

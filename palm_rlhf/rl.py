@@ -104,6 +104,22 @@ def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, c
 
 
 
+class KLController:
+    """beta of the KL penalty: fixed, or adaptive with `target` (Ziegler et al. 2019, eq. 2):
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
+
+    KL is the mean summed KL of a response, n_steps the responses it was measured on."""
+
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 1000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int):
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + error * n_steps / self.horizon
+
+
 def check_temperature(temperature: float):
     """RL scores samples under softmax(logits / T): T = 0 (greedy) has no such policy to optimise."""
     if not temperature > 0:
@@ -227,6 +243,8 @@ class RLConfig:
     micro_batch_size: int | None = setting(None, "responses per forward and backward within a minibatch (none: the whole minibatch); the gradient is the same either way", at_least=1)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1,beta2")
+    kl_target: float | None = setting(7.0, "target KL per response (nats) of the adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
+    kl_horizon: int = setting(1000, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
     missing_eos_penalty: float | None = setting(None, "subtracted from the score of a response without EOS (none disables)")
     seed: int = setting(0, "seed of sampling and prompt order")
 

@@ -160,6 +160,25 @@ def test_beta_zero_makes_no_reference_forward_pass():
     assert stats["kl"] == 0.0 and stats["kl_loss"] == 0.0  # the adapters start as a no-op
 
 
+def test_the_adaptive_beta_moves_towards_the_kl_target_as_ppos_and_weighs_the_next_rollout():
+    t = trainer(estimator="rloo", kl_in="reward", beta=0.5, kl_target=7.0, kl_horizon=100)
+    stats, _ = t.step(max_seq_len=12, prompts_per_step=2)
+    assert stats["kl"] == 0.0 and stats["beta"] == 0.5  # KL 0 (the adapters start as a no-op): beta falls by the cap
+    assert t.kl.beta == pytest.approx(0.5 * (1 - 0.2 * 2 * 4 / 100))
+    t.kl.beta = 3.0
+    rollout, stats = perturbed(t).rollout(PROMPTS, max_seq_len=12)
+    resp_mask = rollout.mask[:, rollout.start:]
+    kl = ((rollout.log_probs - rollout.ref_log_probs) * resp_mask).sum(dim=1)
+    prompt_mask = rollout.mask & (torch.arange(rollout.seq.shape[1]) < rollout.start)
+    rewards = count_target(rollout.seq, prompt_mask, rollout.mask) - 3.0 * kl
+    assert stats["beta"] == 3.0 and kl.abs().max() > 0
+    torch.testing.assert_close(rollout.advantages, rloo_advantages(rewards.view(2, 4)).view(-1))
+    for fixed in (trainer(beta=0.5, kl_target=None), trainer(beta=0.0, kl_target=7.0)):
+        beta = fixed.kl.beta
+        fixed.step(max_seq_len=12, prompts_per_step=2)
+        assert fixed.kl.beta == beta
+
+
 def test_the_response_budget_is_fixed_by_the_longest_prompt_not_by_each_batch():
     t = trainer(estimator="dr_grpo", loss_aggregation="constant", beta=0.0)
     short_only = [PROMPTS[1]] * 2  # 2 tokens; the trainer's longest prompt has 4

@@ -113,10 +113,10 @@ def train_rl(trainer, iterations: int, batch: int) -> torch.Tensor:
 
 RL_METHODS = {
     "ppo": lambda: RLHFTrainer(palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(),
-                               beta=BETA, actor_lr=3e-3, critic_lr=3e-3, epochs=1, minibatch_size=128, rollout_batch_size=128, seed=0),
+                               beta=BETA, kl_target=None, actor_lr=3e-3, critic_lr=3e-3, epochs=1, minibatch_size=128, rollout_batch_size=128, seed=0),
     **{f"{estimator}, KL in the reward": (lambda estimator=estimator: GRPOTrainer(
         palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
-        group_size=16, beta=BETA, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
+        group_size=16, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
        for estimator in ("rloo", "grpo", "dr_grpo")},
 }
 
@@ -138,7 +138,7 @@ def test_kl_regularised_rl_reaches_the_closed_form_optimum(method, reference):
 
 def grpo_with_kl_in_the_loss(estimator: str) -> GRPOTrainer:
     return GRPOTrainer(palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
-                       group_size=16, beta=BETA, kl_in="loss", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0)
+                       group_size=16, beta=BETA, kl_target=None, kl_in="loss", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0)
 
 
 def test_the_k3_kl_in_the_loss_reaches_the_reverse_kl_optimum_not_pi_star(reference):

@@ -5,8 +5,8 @@ import torch
 from accelerate import Accelerator
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.ppo import KLController, RLHFTrainer, clipped_policy_loss, clipped_value_loss, gae, memmap_rollout
-from palm_rlhf.rl import kl_penalty, masked_whiten, response_mask
+from palm_rlhf.ppo import RLHFTrainer, clipped_policy_loss, clipped_value_loss, gae, memmap_rollout
+from palm_rlhf.rl import KLController, kl_penalty, masked_whiten, response_mask
 from palm_rlhf.reward import RewardModel
 from palm_rlhf.tokenizer import EOS_ID, PAD_ID
 
