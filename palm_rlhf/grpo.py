@@ -191,7 +191,6 @@ class GRPOConfig(RLConfig):
                                     choices=("token", "sequence", "constant"))
     eps_clip: float = setting(0.2, "clip range of the policy ratio (lower side, and upper unless eps_clip_high)", above=0)
     eps_clip_high: float | None = setting(None, "upper clip range (DAPO's clip-higher, e.g. 0.28); none = eps_clip", above=0)
-    kl_target: float | None = setting(None, "target KL per response (nats) of an adaptive beta, as PPO's (Ziegler et al. eq. 2); none keeps beta fixed, as the papers", above=0)
 
     def __post_init__(self):
         super().__post_init__()

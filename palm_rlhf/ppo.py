@@ -7,8 +7,8 @@ Models from Human Preferences") and InstructGPT (Ouyang et al. 2022), each step 
        truncated after their first EOS; log-probs of the policy softmax(logits / T)
     2. per-token reward r_t = -beta * KL_t(policy || reference), plus the reward model's score on the
        last response token (or, from a process reward model with `token_rewards`, such as
-       ImplicitPRM, its reward on every response token); beta adaptive, aiming at kl_target nats per
-       response (Ziegler et al. eq. 2), or fixed with kl_target none
+       ImplicitPRM, its reward on every response token); beta fixed, or adaptive towards kl_target nats
+       per response (Ziegler et al. eq. 2)
     3. values V_t from the critic (its own LoRA scope on the same base, plus a zero-initialised head)
     4. GAE advantages and returns (Schulman et al. 2016), advantages whitened over the batch
     5. epochs x minibatches of the clipped policy loss, clipped value loss and entropy bonus

@@ -111,7 +111,7 @@ class KLController:
 
     KL is the mean summed KL of a response, n_steps the responses it was measured on."""
 
-    def __init__(self, beta: float, target: float | None = None, horizon: int = 1000):
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
         self.beta, self.target, self.horizon = beta, target, horizon
 
     def update(self, kl: float, n_steps: int):
@@ -243,8 +243,8 @@ class RLConfig:
     micro_batch_size: int | None = setting(None, "responses per forward and backward within a minibatch (none: the whole minibatch); the gradient is the same either way", at_least=1)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1,beta2")
-    kl_target: float | None = setting(7.0, "target KL per response (nats) of the adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
-    kl_horizon: int = setting(1000, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
+    kl_target: float | None = setting(None, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
+    kl_horizon: int = setting(10000, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
     missing_eos_penalty: float | None = setting(None, "subtracted from the score of a response without EOS (none disables)")
     seed: int = setting(0, "seed of sampling and prompt order")
 
