@@ -221,7 +221,7 @@ class GRPOTrainer(PolicyTrainer):
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
         self.advantage_fn = ADVANTAGE_ESTIMATORS[config.estimator]
-        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon)  # beta 0 stays 0
+        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_min_beta)  # beta 0 stays 0
         self.add_scopes({config.lora_scope: config.lora_r})
         actor = Actor(palm, config.lora_scope)
         optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)

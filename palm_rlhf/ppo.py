@@ -230,7 +230,7 @@ class RLHFTrainer(PolicyTrainer):
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.actor_lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
-        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon)
+        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_min_beta)
         # everything frozen but the two scopes
         scopes = {config.actor_lora_scope: config.actor_lora_r}
         if critic_palm is None:

@@ -107,17 +107,19 @@ def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, c
 class KLController:
     """beta of the KL penalty: fixed, or adaptive with `target` (Ziegler et al. 2019, eq. 2):
 
-        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
+        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- max(beta * (1 + e * n_steps / horizon), min_beta)
 
-    KL is the mean summed KL of a response, n_steps the responses it was measured on."""
+    KL is the mean summed KL of a response, n_steps the responses it was measured on. The floor
+    `min_beta` is ours: early in a run the KL is low because the policy has not moved yet, not because
+    beta is too high, and without a floor beta keeps falling then and lets the KL overshoot later."""
 
-    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
-        self.beta, self.target, self.horizon = beta, target, horizon
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000, min_beta: float = 0.0):
+        self.beta, self.target, self.horizon, self.min_beta = beta, target, horizon, min_beta
 
     def update(self, kl: float, n_steps: int):
-        if self.target is not None:
+        if self.target is not None and self.beta > 0:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.beta *= 1 + error * n_steps / self.horizon
+            self.beta = max(self.beta * (1 + error * n_steps / self.horizon), self.min_beta)
 
 
 def check_temperature(temperature: float):
@@ -245,6 +247,7 @@ class RLConfig:
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1,beta2")
     kl_target: float | None = setting(None, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
     kl_horizon: int = setting(10000, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
+    kl_min_beta: float = setting(0.0, "the adaptive beta never falls below this", at_least=0)
     missing_eos_penalty: float | None = setting(None, "subtracted from the score of a response without EOS (none disables)")
     seed: int = setting(0, "seed of sampling and prompt order")
 
