@@ -9,7 +9,7 @@ from the scores of its group. One iteration (`GRPOTrainer.step`), each step numb
        beta > 0, under the frozen reference
     3. scores from the reward model or reward function; with kl_in="reward", beta times the summed
        k1 KL of each response is subtracted from its score, as PPO's reward does; beta adapts to
-       kl_target as PPO's (Ziegler et al. 2019, eq. 2) when kl_target is set
+       kl_target as PPO's (Ziegler et al. 2019, eq. 2), unless kl_target=None
     4. one advantage per response, given to each of its tokens: GRPO's (r - mean) / std
        (Shao et al. 2024), Dr. GRPO's r - mean (Liu et al. 2025) or RLOO's r - mean of the others
        (Ahmadian et al. 2024), over the G scores of its prompt
@@ -42,8 +42,9 @@ Where this departs from the papers:
        any, acts), not dropped and resampled (DAPO's dynamic sampling); their share is reported.
     7. Optionally, a response that never emits EOS has `missing_eos_penalty` subtracted from its
        score before the group baseline (as ppo.py).
-    8. Optionally (kl_target), beta is PPO's adaptive one, moved each iteration towards a KL target;
-       the papers keep it fixed, as the default does.
+    8. beta is PPO's adaptive one by default, moved each iteration towards kl_target, with a lower
+       target (7 nats) and a longer horizon (1,000 responses) than PPO's: with PPO's, RLOO's KL and
+       beta oscillate (docs/results.md). The papers keep beta fixed, as kl_target=None does.
 """
 import math
 from dataclasses import dataclass
@@ -172,8 +173,9 @@ class GroupRollout(RolloutTensors):
 
 @dataclass
 class GRPOConfig(RLConfig):
-    """The group methods' settings; the defaults (RLOO, the KL in the reward at a fixed beta 0.2) are
-    train_grpo.py's: they clear the README's bar on 2 seeds of 5 (docs/results.md)."""
+    """The group methods' settings; the defaults (RLOO, the KL in the reward, beta adaptive towards 7
+    nats over a horizon of 1,000 responses) are train_grpo.py's: they clear the README's bar on 4
+    seeds of 5 (docs/results.md)."""
 
     iterations: int = setting(120, "iterations (a rollout of prompts_per_step x group_size, then its updates)", at_least=1)
     estimator: str = setting("rloo", "advantage: rloo (r - mean of the others), grpo ((r - mean) / std) or dr_grpo (r - mean)",
@@ -185,6 +187,8 @@ class GRPOConfig(RLConfig):
     lora_scope: str = setting("actor", "name of the policy's fine-tune scope on the PaLM")
     weight_decay: float = setting(0.0, "AdamW weight decay", at_least=0)
     beta: float = setting(0.2, "KL coefficient (the initial value when adaptive); 0 skips the reference model entirely", at_least=0)
+    kl_target: float | None = setting(7.0, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed; below PPO's 8, as RLOO's KL swings further around it", above=0)
+    kl_horizon: int = setting(1000, "horizon of the adaptive beta, in responses: the larger, the slower it moves; RLOO's KL answers beta faster than PPO's, and a shorter horizon makes the two oscillate", at_least=1)
     kl_in: str = setting("reward", "loss (k3 per token, as GRPO) or reward (k1 per response subtracted from the score, as PPO)",
                          choices=("loss", "reward"))
     loss_aggregation: str = setting("token", "token (mean over the batch's tokens, DAPO), sequence (mean of per-response means, GRPO) or constant (sum / responses x budget, Dr. GRPO)",
@@ -221,7 +225,7 @@ class GRPOTrainer(PolicyTrainer):
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
         self.advantage_fn = ADVANTAGE_ESTIMATORS[config.estimator]
-        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_min_beta)  # beta 0 stays 0
+        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_beta_floor)  # beta 0 stays 0
         self.add_scopes({config.lora_scope: config.lora_r})
         actor = Actor(palm, config.lora_scope)
         optimizer = torch.optim.AdamW(actor.actor_parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)

@@ -7,8 +7,8 @@ Models from Human Preferences") and InstructGPT (Ouyang et al. 2022), each step 
        truncated after their first EOS; log-probs of the policy softmax(logits / T)
     2. per-token reward r_t = -beta * KL_t(policy || reference), plus the reward model's score on the
        last response token (or, from a process reward model with `token_rewards`, such as
-       ImplicitPRM, its reward on every response token); beta fixed, or adaptive towards kl_target nats
-       per response (Ziegler et al. eq. 2)
+       ImplicitPRM, its reward on every response token); beta adaptive towards kl_target nats per
+       response (Ziegler et al. eq. 2), or fixed with kl_target=None
     3. values V_t from the critic (its own LoRA scope on the same base, plus a zero-initialised head)
     4. GAE advantages and returns (Schulman et al. 2016), advantages whitened over the batch
     5. epochs x minibatches of the clipped policy loss, clipped value loss and entropy bonus
@@ -36,7 +36,10 @@ Where this departs from InstructGPT / Ziegler et al.:
        critic gradients are clipped separately.
     9. Dropout is off in rollouts and updates alike (the PaLM keeps its rates for LM training), so
        the first ratio is exactly 1 and the reference log-probs carry no dropout noise.
-   10. On several processes, each samples its own rollout and whitens its advantages over it (not
+   10. The adaptive beta never falls below kl_beta_floor times its start, and its horizon is short
+       (150 responses against Ziegler et al.'s 10,000): early on the KL is low because the policy
+       has not moved yet, and a beta that falls then lets the KL overshoot later (docs/results.md).
+   11. On several processes, each samples its own rollout and whitens its advantages over it (not
        over all processes' rollouts); the losses are means over the whole minibatch's tokens, on
        every process and over micro-batches (rl.py), so the gradient is the one-process one.
 
@@ -177,7 +180,8 @@ def memmap_rollout(rollout: Rollout, directory) -> Rollout:
 
 @dataclass
 class PPOConfig(RLConfig):
-    """PPO's settings; the defaults are those that clear the README's bar on the default models."""
+    """PPO's settings; the defaults are train_ppo.py's: they clear the README's bar on 5 seeds of 5
+    (docs/results.md)."""
 
     iterations: int = setting(150, "PPO iterations (a rollout batch, then epochs x minibatches of updates)", at_least=1)
     rollout_batch_size: int = setting(32, "responses sampled per iteration and process", at_least=1)
@@ -230,7 +234,7 @@ class RLHFTrainer(PolicyTrainer):
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.actor_lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs, prompt_pad_id=prompt_pad_id)
-        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_min_beta)
+        self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_beta_floor)
         # everything frozen but the two scopes
         scopes = {config.actor_lora_scope: config.actor_lora_r}
         if critic_palm is None:

@@ -102,19 +102,18 @@ def clipped_surrogate(log_probs, old_log_probs, advantages, clip: float = 0.2, c
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-
-
 class KLController:
     """beta of the KL penalty: fixed, or adaptive with `target` (Ziegler et al. 2019, eq. 2):
 
-        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- max(beta * (1 + e * n_steps / horizon), min_beta)
+        e = clip(KL / KL_target - 1, -0.2, 0.2),    beta <- max(beta * (1 + e * n_steps / horizon), floor * beta_0)
 
-    KL is the mean summed KL of a response, n_steps the responses it was measured on. The floor
-    `min_beta` is ours: early in a run the KL is low because the policy has not moved yet, not because
-    beta is too high, and without a floor beta keeps falling then and lets the KL overshoot later."""
+    KL is the mean summed KL of a response, n_steps the responses it was measured on, beta_0 the
+    starting beta. The floor is ours: early in a run the KL is low because the policy has not moved
+    yet, not because beta is too high, and without a floor beta keeps falling then and lets the KL
+    overshoot later."""
 
-    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000, min_beta: float = 0.0):
-        self.beta, self.target, self.horizon, self.min_beta = beta, target, horizon, min_beta
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000, floor: float = 0.0):
+        self.beta, self.target, self.horizon, self.min_beta = beta, target, horizon, floor * beta
 
     def update(self, kl: float, n_steps: int):
         if self.target is not None and self.beta > 0:
@@ -185,7 +184,6 @@ class RolloutTensors:
         return [tokenizer.decode(s[m][1:]) for s, m in zip(self.seq.cpu(), prompt_tokens.cpu())]
 
 
-
 def decode_responses(seq: torch.Tensor, response_mask: torch.Tensor, tokenizer) -> list[str]:
     """The text of each row's response tokens: seq (b, n), response_mask (b, n) True at them."""
     return [tokenizer.decode(s[m]) for s, m in zip(seq.cpu(), response_mask.cpu())]
@@ -245,9 +243,9 @@ class RLConfig:
     micro_batch_size: int | None = setting(None, "responses per forward and backward within a minibatch (none: the whole minibatch); the gradient is the same either way", at_least=1)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1,beta2")
-    kl_target: float | None = setting(None, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
-    kl_horizon: int = setting(10000, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
-    kl_min_beta: float = setting(0.0, "the adaptive beta never falls below this", at_least=0)
+    kl_target: float | None = setting(8.0, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
+    kl_horizon: int = setting(150, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
+    kl_beta_floor: float = setting(0.5, "the adaptive beta never falls below this fraction of its starting beta", at_least=0, at_most=1)
     missing_eos_penalty: float | None = setting(None, "subtracted from the score of a response without EOS (none disables)")
     seed: int = setting(0, "seed of sampling and prompt order")
 

@@ -123,9 +123,9 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     fixed = KLController(0.1)
     fixed.update(100.0, 10)
     assert fixed.beta == 0.1
-    floored = KLController(0.1, target=6.0, horizon=100, min_beta=0.099)
+    floored = KLController(0.1, target=6.0, horizon=100, floor=0.99)
     floored.update(0.0, 10)  # 0.098 without the floor
-    assert floored.beta == 0.099
+    assert floored.beta == pytest.approx(0.099)
     floored.update(12.0, 10)
     assert floored.beta == pytest.approx(0.099 * 1.02)
 
