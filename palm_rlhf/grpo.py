@@ -1,4 +1,4 @@
-"""Critic-free, group-relative RL for RLHF: GRPO, Dr. GRPO and RLOO on one frozen PaLM.
+"""Critic-free RL for RLHF: GRPO, Dr. GRPO, RLOO, GSPO and REINFORCE++ on one frozen PaLM.
 
 Instead of a learned critic, each prompt gets G sampled responses and each response's baseline comes
 from the scores of its group. One iteration (`GRPOTrainer.step`), each step numbered in the code:
@@ -12,7 +12,9 @@ from the scores of its group. One iteration (`GRPOTrainer.step`), each step numb
        kl_target as PPO's (Ziegler et al. 2019, eq. 2), unless kl_target=None
     4. one advantage per response, given to each of its tokens: GRPO's (r - mean) / std
        (Shao et al. 2024), Dr. GRPO's r - mean (Liu et al. 2025) or RLOO's r - mean of the others
-       (Ahmadian et al. 2024), over the G scores of its prompt
+       (Ahmadian et al. 2024), over the G scores of its prompt; or REINFORCE++'s (Hu et al. 2025), one
+       per token: the score (less the group mean, for its baseline variant) less the KL penalty still
+       to come, whitened over the batch
     5. epochs x minibatches of PPO's clipped surrogate (with DAPO's clip-higher as an option), plus,
        with kl_in="loss", beta times the k3 KL to the reference per token (DeepSeekMath eq. 3-4),
        aggregated over tokens by `loss_aggregation`; gradient clipping, one AdamW step per minibatch
@@ -45,6 +47,8 @@ Where this departs from the papers:
     8. beta is PPO's adaptive one by default, moved each iteration towards kl_target, with a lower
        target (7 nats) and a longer horizon (1,000 responses) than PPO's: with PPO's, RLOO's KL and
        beta oscillate (docs/results.md). The papers keep beta fixed, as kl_target=None does.
+    9. Optionally (importance_ratio="sequence"), GSPO's ratio (Zheng et al. 2025): one length-normalised
+       ratio per response, clipped per response, in place of the per-token ratio.
 """
 import math
 from dataclasses import dataclass
@@ -57,8 +61,8 @@ from torch import nn
 from palm_rlhf.config import require, setting, with_settings
 from palm_rlhf.model import PaLM
 from palm_rlhf.rl import (
-    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_mean,
-    token_mean,
+    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_log_ratio,
+    masked_mean, masked_whiten, token_mean,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,8 +120,40 @@ def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
 ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
 
 
+def reinforce_pp_advantages(scores: torch.Tensor, token_penalty: torch.Tensor | None, mask: torch.Tensor,
+                            baseline: bool) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, eq. 8-10): a per-token advantage, the score less the KL penalty
+    still to come, whitened over every response token of the batch:
+
+        A_it = whiten_batch( r_i - sum_{s >= t} beta * KL_is )
+
+    r_i is the score, or with `baseline` ("REINFORCE++-baseline") the score less its group's mean
+    (a group of equal scores gets exactly 0). scores (P, G); token_penalty (P * G, r), beta * KL of
+    each response token, or None (no KL in the reward); mask (P * G, r) -> advantages (P * G, r)."""
+    centred = dr_grpo_advantages(scores) if baseline else scores
+    returns = centred.reshape(-1, 1).expand(mask.shape)
+    if token_penalty is not None:
+        returns = returns - (token_penalty * mask).flip(1).cumsum(1).flip(1)
+    return masked_whiten(returns, mask)
+
+
+TOKEN_ESTIMATORS = {"reinforce_pp": False, "reinforce_pp_baseline": True}  # name -> with the group baseline
+
+
 # ---------------------------------------------------------------------------------------------------
 # the loss over tokens
+
+
+def sequence_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's importance ratio (Zheng et al. 2025, eq. 7) as a log, given to every token of its
+    response: (b, r) log-probs -> (b, r), row i holding
+
+        log s_i = 1/|y_i| sum_t (log pi(y_it) - log pi_old(y_it)),   s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|)
+
+    The clipped surrogate on s_i, aggregated by "sequence", is GSPO's objective: one ratio and one
+    clipping decision per response, its gradient s_i A_i times the mean of the tokens' score functions."""
+    per_response = masked_mean(masked_log_ratio(log_probs, old_log_probs, mask), mask, dim=1)  # (b,)
+    return per_response[:, None].expand_as(log_probs)
 
 
 def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None,
@@ -153,7 +189,7 @@ def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, how: str, max_len: 
 @dataclass
 class GroupRollout(RolloutTensors):
     """One batch of groups: seq, mask (P * G, n), prompt i's G responses in rows i * G .. i * G + G - 1;
-    advantages (P * G,); log-probs (P * G, r) of the response seq[:, start:] under the sampling policy
+    advantages (P * G,), or (P * G, r) per token (REINFORCE++); log-probs (P * G, r) of the response seq[:, start:] under the sampling policy
     and under the reference (None when beta = 0); max_new_tokens = the response budget, the
     constant of Dr. GRPO's aggregation."""
 
@@ -178,8 +214,8 @@ class GRPOConfig(RLConfig):
     seeds of 5 (docs/results.md)."""
 
     iterations: int = setting(120, "iterations (a rollout of prompts_per_step x group_size, then its updates)", at_least=1)
-    estimator: str = setting("rloo", "advantage: rloo (r - mean of the others), grpo ((r - mean) / std) or dr_grpo (r - mean)",
-                             choices=tuple(ADVANTAGE_ESTIMATORS))
+    estimator: str = setting("rloo", "advantage: rloo (r - mean of the others), grpo ((r - mean) / std), dr_grpo (r - mean), or REINFORCE++'s per-token one whitened over the batch, without (reinforce_pp) or with the group mean as baseline (reinforce_pp_baseline)",
+                             choices=(*ADVANTAGE_ESTIMATORS, *TOKEN_ESTIMATORS))
     group_size: int = setting(8, "responses sampled per prompt (G)", at_least=1)
     prompts_per_step: int = setting(8, "prompts per iteration and process", at_least=1)
     lr: float = setting(1e-3, "learning rate of the policy's LoRA", above=0)
@@ -195,6 +231,8 @@ class GRPOConfig(RLConfig):
                                     choices=("token", "sequence", "constant"))
     eps_clip: float = setting(0.2, "clip range of the policy ratio (lower side, and upper unless eps_clip_high)", above=0)
     eps_clip_high: float | None = setting(None, "upper clip range (DAPO's clip-higher, e.g. 0.28); none = eps_clip", above=0)
+    importance_ratio: str = setting("token", "token (PPO's pi / pi_old per token) or sequence (GSPO's length-normalised ratio per response, Zheng et al. 2025: with loss_aggregation sequence and a clip range near 3e-4 / 4e-4)",
+                                    choices=("token", "sequence"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -224,7 +262,6 @@ class GRPOTrainer(PolicyTrainer):
         super().__init__(palm=palm, reward_model=reward_model, reward_fn=reward_fn, prompt_token_ids=prompt_token_ids,
                          prompts=prompts, tokenizer=tokenizer, config=config, actor_scope=config.lora_scope,
                          accelerator=accelerator, accelerate_kwargs=accelerate_kwargs)
-        self.advantage_fn = ADVANTAGE_ESTIMATORS[config.estimator]
         self.kl = KLController(config.beta, config.kl_target, config.kl_horizon, config.kl_beta_floor)  # beta 0 stays 0
         self.add_scopes({config.lora_scope: config.lora_r})
         actor = Actor(palm, config.lora_scope)
@@ -250,13 +287,19 @@ class GRPOTrainer(PolicyTrainer):
         groups = rewards.view(-1, c.group_size)  # (P, G)
         stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(),
                      zero_variance_groups=constant_groups(groups).float().mean())
+        in_reward = samples.ref_log_probs is not None and c.kl_in == "reward"
         if samples.ref_log_probs is not None:
-            kl = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask).sum(dim=1)  # (P * G,)
+            kl_tokens = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask)  # (P * G, r)
+            kl = kl_tokens.sum(dim=1)  # (P * G,)
             stats["kl"] = kl.mean()
-            if c.kl_in == "reward":
+        # 4. group-relative advantages, one per response, or REINFORCE++'s, one per token
+        if c.estimator in TOKEN_ESTIMATORS:
+            advantages = reinforce_pp_advantages(groups, self.kl.beta * kl_tokens if in_reward else None,
+                                                 samples.response_mask, baseline=TOKEN_ESTIMATORS[c.estimator])
+        else:
+            if in_reward:
                 groups = (rewards - self.kl.beta * kl).view(-1, c.group_size)
-        # 4. group-relative advantages, one per response
-        advantages = self.advantage_fn(groups).view(-1)
+            advantages = ADVANTAGE_ESTIMATORS[c.estimator](groups).view(-1)
         rollout = GroupRollout(samples.seq, samples.mask, advantages, samples.log_probs, samples.ref_log_probs,
                                samples.start, temperature, samples.budget)
         return rollout, {k: float(v) for k, v in stats.items()}
@@ -267,7 +310,11 @@ class GRPOTrainer(PolicyTrainer):
         c, resp_mask, tokens = self.config, mb["mask"][:, rollout.start:], normalizers.tokens
         with self.accelerator.autocast():
             log_probs, _ = self.actor(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
-        surrogate, is_clipped = clipped_surrogate(log_probs, mb["log_probs"], mb["advantages"][:, None],
+        ratio_log_probs = log_probs  # the per-token ratio pi / pi_old, or GSPO's per response
+        if c.importance_ratio == "sequence":
+            ratio_log_probs = mb["log_probs"] + sequence_log_ratio(log_probs, mb["log_probs"], resp_mask)
+        advantages = mb["advantages"] if mb["advantages"].dim() == 2 else mb["advantages"][:, None]  # (b, r) or (b, 1)
+        surrogate, is_clipped = clipped_surrogate(ratio_log_probs, mb["log_probs"], advantages,
                                                   c.eps_clip, c.eps_clip_high, resp_mask)
         policy_loss = aggregate_loss(surrogate, resp_mask, c.loss_aggregation, rollout.max_new_tokens, normalizers)
         # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples

@@ -4,7 +4,10 @@ import pytest
 import torch
 from test_ppo import PROMPTS, TARGET, count_target, tiny_palm
 
-from palm_rlhf.grpo import GRPOTrainer, aggregate_loss, dr_grpo_advantages, grpo_advantages, rloo_advantages
+from palm_rlhf.grpo import (
+    GRPOTrainer, aggregate_loss, dr_grpo_advantages, grpo_advantages, reinforce_pp_advantages, rloo_advantages,
+    sequence_log_ratio,
+)
 from palm_rlhf.ppo import clipped_policy_loss
 from palm_rlhf.rl import clipped_surrogate, kl_penalty, text_reward_fn
 from palm_rlhf.reward import RewardModel
@@ -84,6 +87,37 @@ def test_clip_higher_widens_only_the_upper_bound():
     loss.backward()
     assert log_ratio.grad.tolist()[0] == 0 and log_ratio.grad[1] != 0 and log_ratio.grad.tolist()[2] == 0
     assert fraction == pytest.approx(2 / 3)
+
+
+def test_reinforce_pp_advantages_by_hand():
+    scores = torch.tensor([[1.0, 3.0]])  # one prompt, two responses
+    penalty = torch.tensor([[0.1, 0.2, 0.0], [0.3, 5.0, 5.0]])  # beta * KL per token; response 1 is one token long
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    for baseline, (r0, r1) in ((False, (1.0, 3.0)), (True, (-1.0, 1.0))):
+        # the penalty still to come: response 0 pays 0.1 + 0.2 at its first token, 0.2 at its second
+        returns = torch.tensor([r0 - 0.3, r0 - 0.2, r1 - 0.3])
+        whitened = (returns - returns.mean()) / returns.var(unbiased=False).add(1e-8).sqrt()
+        expected = torch.tensor([[whitened[0], whitened[1], 0.0], [whitened[2], 0.0, 0.0]])
+        torch.testing.assert_close(reinforce_pp_advantages(scores, penalty, mask, baseline), expected)
+    equal = reinforce_pp_advantages(torch.tensor([[2.0, 2.0]]), None, mask, baseline=True)
+    assert (equal == 0).all()  # a group of equal scores has no signal
+
+
+def test_gspo_clips_one_length_normalised_ratio_per_response_by_hand():
+    old = torch.zeros(2, 3)
+    log_probs = torch.tensor([[0.3, -0.1, 0.4], [0.5, 7.0, -9.0]], requires_grad=True)  # row 1: one token, then padding
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    log_ratio = sequence_log_ratio(log_probs, old, mask)
+    torch.testing.assert_close(log_ratio, torch.tensor([[0.2] * 3, [0.5] * 3]))  # (0.3 - 0.1 + 0.4) / 3; the padding ignored
+    advantages = torch.tensor([[1.0], [-1.0]])
+    losses, clipped = clipped_surrogate(old + log_ratio, old, advantages, clip=0.1, mask=mask)
+    # s_0 = e^0.2 = 1.221 with A = +1 is cut to 1.1; s_1 = e^0.5 = 1.649 with A = -1 is not (-A * s > -A * 1.1)
+    assert clipped[mask].tolist() == [True, True, True, False]
+    loss = aggregate_loss(losses, mask, "sequence")
+    assert loss.item() == pytest.approx((-1.1 + math.exp(0.5)) / 2)
+    loss.backward()
+    # response 0 is clipped: no gradient; response 1: d/dlog pi of s_1 / 2, s_1 = exp(log pi / 1)
+    torch.testing.assert_close(log_probs.grad, torch.tensor([[0.0, 0.0, 0.0], [math.exp(0.5) / 2, 0.0, 0.0]]))
 
 
 # --- the shared prompt cache ----------------------------------------------------------------------
@@ -217,13 +251,14 @@ def test_kl_in_the_reward_is_subtracted_before_the_group_baseline():
     torch.testing.assert_close(rollout.advantages, rloo_advantages(rewards.view(2, 4)).view(-1))
 
 
-@pytest.mark.parametrize("estimator,kl_in,aggregation", [("grpo", "loss", "token"), ("dr_grpo", "loss", "constant"),
-                                                         ("rloo", "reward", "sequence")])
-def test_only_the_actor_adapters_move(estimator, kl_in, aggregation):
+@pytest.mark.parametrize("estimator,kl_in,aggregation,ratio", [("grpo", "loss", "token", "token"), ("dr_grpo", "loss", "constant", "token"),
+                                                               ("rloo", "reward", "sequence", "token"), ("grpo", "reward", "sequence", "sequence"),
+                                                               ("reinforce_pp_baseline", "reward", "token", "token")])
+def test_only_the_actor_adapters_move(estimator, kl_in, aggregation, ratio):
     palm = tiny_palm()
     reward_model = RewardModel(palm, num_binned_output=5)
     t = trainer(palm, reward_fn=None, reward_model=reward_model, estimator=estimator, kl_in=kl_in,
-                loss_aggregation=aggregation, lr=1e-2)
+                loss_aggregation=aggregation, importance_ratio=ratio, lr=1e-2)
     before = {k: v.clone() for k, v in reward_model.state_dict().items()}
     history = t.train(num_episodes=16, max_seq_len=10, prompts_per_step=2)
     assert len(history) == 2

@@ -9,7 +9,11 @@ table r(x, y), and a tiny PaLM as pi_ref. For KL-regularised RL the optimum is k
 and every method is trained, then its whole distribution compared with its target by the exact
 KL(pi || target), averaged over the prompts. The targets, from the papers:
 
-- PPO (k1 KL in the per-token reward), RLOO, GRPO and Dr. GRPO with the KL in the reward: pi*. At
+- PPO (k1 KL in the per-token reward), RLOO, GRPO, Dr. GRPO and GSPO (GRPO's advantage with one
+  length-normalised ratio per response, Zheng et al. 2025) and REINFORCE++ with and without the group
+  baseline (Hu et al. 2025) with the KL in the reward: pi*. Without a baseline REINFORCE++'s
+  advantage at pi* is not 0 but beta log Z(x) less the batch mean, a constant per prompt whose
+  expected gradient is 0; its whitening scales every prompt's gradient alike. At
   pi* the regularised reward r - beta log(pi / pi_ref) = beta log Z is the same for every response,
   so every group-relative advantage is 0 there, whatever the baseline or the scaling by the std.
 - Dr. GRPO with DeepSeekMath's k3 KL in the loss: the gradient of E_pi[k3] through pi is that of
@@ -118,6 +122,14 @@ RL_METHODS = {
         palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
         group_size=16, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
        for estimator in ("rloo", "grpo", "dr_grpo")},
+    "gspo, KL in the reward": lambda: GRPOTrainer(
+        palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator="grpo", importance_ratio="sequence",
+        eps_clip=3e-4, eps_clip_high=4e-4, group_size=16, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="sequence",
+        lr=3e-3, minibatch_size=128, seed=0),
+    **{f"{estimator}, KL in the reward": (lambda estimator=estimator: GRPOTrainer(
+        palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
+        group_size=16, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
+       for estimator in ("reinforce_pp", "reinforce_pp_baseline")},
 }
 
 
