@@ -65,6 +65,7 @@ class TrainVerifiableConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the GRPO policy"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     minibatch_size: int = field(default=64, metadata={"help": "responses per GRPO update"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO's dynamic sampling: problems whose samples are all right or all wrong give way to newly drawn ones"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts and of pass@k"})
     num_eval_problems: int = field(default=256, metadata={"help": "held-out problems of the before/after table"})
     eval_samples: int = field(default=16, metadata={"help": "samples per held-out problem (n of the pass@k estimator)"})
@@ -147,7 +148,7 @@ def train_grpo(palm, cfg, train_problems, curve_problems, metrics, accelerator) 
         palm=palm, reward_fn=verifiable_reward_fn(train_problems), prompts=[p.prompt for p in train_problems],
         estimator=cfg.estimator, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step, beta=cfg.beta,
         kl_target=None, kl_in="loss", lr=cfg.grpo_lr, lora_r=cfg.lora_r, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
-        temperature=cfg.temperature, max_grad_norm=1.0, seed=cfg.seed, accelerator=accelerator,
+        dynamic_sampling=cfg.dynamic_sampling, temperature=cfg.temperature, max_grad_norm=1.0, seed=cfg.seed, accelerator=accelerator,
     )
     max_seq_len = max(len(p.prompt) for p in train_problems) + 1 + max_new_tokens(cfg)  # + 1: the leading EOS
     progress = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO")
@@ -155,7 +156,7 @@ def train_grpo(palm, cfg, train_problems, curve_problems, metrics, accelerator) 
         stats, _ = trainer.step(max_seq_len=max_seq_len, prompts_per_step=cfg.prompts_per_step,
                                 temperature=cfg.temperature)
         metrics.log(cfg.sft_steps + step, **stats)
-        progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl") if k in stats})
+        progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("score", "kl", "extra_samples") if k in stats})
         if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
             metrics.log(cfg.sft_steps + step, **curve_point(trainer.policy(), curve_problems, cfg))
     return trainer.policy()

@@ -4,10 +4,13 @@ Instead of a learned critic, each prompt gets G sampled responses and each respo
 from the scores of its group. One iteration (`GRPOTrainer.step`), each step numbered in the code:
 
     1. rollout: P prompts, G responses to each sampled at temperature T with the KV-cached sampler
-       (each prompt encoded once, its cache shared by its G samples), cut after their first EOS
+       (each prompt encoded once, its cache shared by its G samples), cut after their first EOS;
+       with dynamic_sampling, DAPO's (Yu et al. 2025): groups whose scores are all equal give way
+       to groups of newly drawn prompts
     2. log-probs of the responses under the sampling policy (pi_old of the ratio) and, when
        beta > 0, under the frozen reference
-    3. scores from the reward model or reward function; with kl_in="reward", beta times the summed
+    3. scores from the reward model or reward function, less DAPO's overlong penalty when
+       overlong_buffer is set; with kl_in="reward", beta times the summed
        k1 KL of each response is subtracted from its score, as PPO's reward does; beta adapts to
        kl_target as PPO's (Ziegler et al. 2019, eq. 2), unless kl_target=None
     4. one advantage per response, given to each of its tokens: GRPO's (r - mean) / std
@@ -41,7 +44,11 @@ Where this departs from the papers:
     5. Rollouts sample at temperature T only (no top-k / top-p), so the samples come from exactly
        the policy whose log-probs enter the ratio, as in ppo.py.
     6. Groups whose scores are all equal get zero advantage and are kept (only their KL term, if
-       any, acts), not dropped and resampled (DAPO's dynamic sampling); their share is reported.
+       any, acts), unless dynamic_sampling drops them as DAPO does; their share is reported. DAPO
+       samples until the batch is full; here at most max_sampling_rounds rounds are drawn and a
+       batch still short keeps some equal-score groups, so that an iteration's cost is bounded. The
+       groups are judged by their scores, as DAPO's by accuracy (it has no KL term): with the KL in
+       the reward a dropped group could still carry the KL's gradient.
     7. Optionally, a response that never emits EOS has `missing_eos_penalty` subtracted from its
        score before the group baseline (as ppo.py).
     8. beta is PPO's adaptive one by default, moved each iteration towards kl_target, with a lower
@@ -51,7 +58,7 @@ Where this departs from the papers:
        ratio per response, clipped per response, in place of the per-token ratio.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from accelerate import Accelerator
@@ -61,8 +68,8 @@ from torch import nn
 from palm_rlhf.config import require, setting, with_settings
 from palm_rlhf.model import PaLM
 from palm_rlhf.rl import (
-    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, clipped_surrogate, kl_penalty, masked_log_ratio,
-    masked_mean, masked_whiten, token_mean,
+    Actor, KLController, Normalizers, PolicyTrainer, RLConfig, RolloutTensors, Samples, clipped_surrogate, kl_penalty,
+    masked_log_ratio, masked_mean, masked_whiten, token_mean,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,6 +145,52 @@ def reinforce_pp_advantages(scores: torch.Tensor, token_penalty: torch.Tensor | 
 
 
 TOKEN_ESTIMATORS = {"reinforce_pp": False, "reinforce_pp_baseline": True}  # name -> with the group baseline
+
+
+# ---------------------------------------------------------------------------------------------------
+# DAPO's shaping of the batch and of the reward (Yu et al. 2025)
+
+
+def overlong_penalty(lengths: torch.Tensor, budget: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (eq. 13) as a penalty to subtract from the score: 0 up to
+    budget - buffer tokens, then rising linearly to 1 at the budget, where responses are cut:
+
+        penalty = clamp((|y| - (budget - buffer)) / buffer, 0, 1)
+
+    lengths (b,) response tokens -> (b,)."""
+    return ((lengths.float() - (budget - buffer)) / buffer).clamp(0, 1)
+
+
+def chosen_groups(informative: torch.Tensor, wanted: int) -> torch.Tensor:
+    """DAPO's dynamic sampling keeps groups whose scores differ (eq. 11): (K,) bool over the groups
+    drawn, in the order drawn -> the indices of the `wanted` groups of the batch, in that order: the
+    first informative ones, then, if there are too few, the first of the others."""
+    index = torch.arange(len(informative))
+    ranked = torch.cat((index[informative], index[~informative]))
+    return ranked[:wanted].sort().values
+
+
+def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """Samples drawn in several rounds, before their forward passes, as one batch: each prompt
+    left-padded to the longest prompt, each response right-padded to the longest response."""
+    start = max(p.start for p in parts)
+    width = max(p.seq.shape[1] - p.start for p in parts)
+
+    def aligned(t, p, fill):  # (b, p.start + its width) -> (b, start + width)
+        left, right = start - p.start, width - (t.shape[1] - p.start)
+        return torch.cat((t.new_full((len(t), left), fill), t, t.new_full((len(t), right), fill)), dim=1)
+
+    dense = None if parts[0].token_rewards is None else torch.cat(
+        [torch.cat((p.token_rewards, p.token_rewards.new_zeros(len(p.seq), width - p.token_rewards.shape[1])), dim=1) for p in parts])
+    return Samples(torch.cat([aligned(p.seq, p, pad_id) for p in parts]), torch.cat([aligned(p.mask, p, False) for p in parts]),
+                   start, parts[0].budget, scores=torch.cat([p.scores for p in parts]),
+                   penalty=torch.cat([p.penalty for p in parts]), ended=torch.cat([p.ended for p in parts]), token_rewards=dense)
+
+
+def select_rows(samples: Samples, rows: torch.Tensor) -> Samples:
+    """The samples' rows `rows`, every per-response tensor indexed alike."""
+    return replace(samples, **{f.name: getattr(samples, f.name)[rows] for f in fields(samples)
+                               if isinstance(getattr(samples, f.name), torch.Tensor)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,6 +286,9 @@ class GRPOConfig(RLConfig):
     eps_clip_high: float | None = setting(None, "upper clip range (DAPO's clip-higher, e.g. 0.28); none = eps_clip", above=0)
     importance_ratio: str = setting("token", "token (PPO's pi / pi_old per token) or sequence (GSPO's length-normalised ratio per response, Zheng et al. 2025: with loss_aggregation sequence and a clip range near 3e-4 / 4e-4)",
                                     choices=("token", "sequence"))
+    dynamic_sampling: bool = setting(False, "DAPO's dynamic sampling: groups whose scores are all equal give way to groups of newly drawn prompts, over at most max_sampling_rounds rounds of sampling per iteration")
+    max_sampling_rounds: int = setting(3, "rounds of sampling per iteration at most with dynamic_sampling; a batch still short after them keeps some equal-score groups", at_least=1)
+    overlong_buffer: int | None = setting(None, "DAPO's soft overlong punishment: over the last this many tokens of the response budget a response loses up to 1 of its score, linearly (none disables)", at_least=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -276,17 +332,23 @@ class GRPOTrainer(PolicyTrainer):
                 generator=None):
         """Steps 1-4 for a batch of prompts, G responses to each (sampled with `generator`)
         -> (GroupRollout, diagnostics)."""
-        c = self.config
+        c, G = self.config, self.config.group_size
         temperature = c.temperature if temperature is None else temperature
-        # 1. G samples of each prompt from one encoding of it; 2. their log-probs, and the
-        # reference's unless beta = 0
-        samples = self.sample_and_score(prompts, max_seq_len or c.max_seq_len, temperature, generator,
-                                        group_size=c.group_size, reference=c.beta > 0)
-        # 3. scores, less the missing-EOS penalty and, with kl_in="reward", beta * KL of each response
-        rewards = samples.scores - samples.penalty
-        groups = rewards.view(-1, c.group_size)  # (P, G)
-        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(),
-                     zero_variance_groups=constant_groups(groups).float().mean())
+        max_seq_len = max_seq_len or c.max_seq_len
+        # 1. G samples of each prompt from one encoding of it; with dynamic_sampling, groups of new
+        # prompts in place of those whose scores are all equal
+        samples = self.draw_responses(prompts, max_seq_len, temperature, generator, group_size=G)
+        drawn = constant_groups(self.rewards(samples).view(-1, G)).float().mean()
+        extra = {}
+        if c.dynamic_sampling:
+            samples, extra["extra_samples"] = self.resample_constant_groups(samples, max_seq_len, temperature)
+        # 2. their log-probs, and the reference's unless beta = 0
+        samples = self.forward_passes(samples, temperature, reference=c.beta > 0)
+        # 3. scores, less the missing-EOS penalty (and DAPO's overlong one) and, with kl_in="reward",
+        # beta * KL of each response
+        rewards = self.rewards(samples)
+        groups = rewards.view(-1, G)  # (P, G)
+        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(), zero_variance_groups=drawn, **extra)
         in_reward = samples.ref_log_probs is not None and c.kl_in == "reward"
         if samples.ref_log_probs is not None:
             kl_tokens = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask)  # (P * G, r)
@@ -298,11 +360,41 @@ class GRPOTrainer(PolicyTrainer):
                                                  samples.response_mask, baseline=TOKEN_ESTIMATORS[c.estimator])
         else:
             if in_reward:
-                groups = (rewards - self.kl.beta * kl).view(-1, c.group_size)
+                groups = (rewards - self.kl.beta * kl).view(-1, G)
             advantages = ADVANTAGE_ESTIMATORS[c.estimator](groups).view(-1)
         rollout = GroupRollout(samples.seq, samples.mask, advantages, samples.log_probs, samples.ref_log_probs,
                                samples.start, temperature, samples.budget)
         return rollout, {k: float(v) for k, v in stats.items()}
+
+    def rewards(self, samples: Samples) -> torch.Tensor:
+        """Each response's score less its missing-EOS penalty and, with overlong_buffer, DAPO's
+        overlong penalty: (b,)."""
+        rewards = samples.scores - samples.penalty
+        if self.config.overlong_buffer is not None:
+            lengths = samples.mask[:, samples.start:].sum(dim=1)
+            rewards = rewards - overlong_penalty(lengths, samples.budget, self.config.overlong_buffer)
+        return rewards
+
+    def resample_constant_groups(self, samples: Samples, max_seq_len: int, temperature: float) -> tuple[Samples, int]:
+        """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): a group whose rewards are all equal
+        has no advantage to learn from, so more prompts are drawn, G responses each, in up to
+        max_sampling_rounds rounds in all, and the batch keeps as many groups as it had, informative
+        ones first -> (Samples before their forward passes, the extra responses drawn)."""
+        c, G = self.config, self.config.group_size
+        wanted = len(samples.seq) // G
+        parts, informative = [samples], [~constant_groups(self.rewards(samples).view(-1, G))]
+        for sampling_round in range(1, c.max_sampling_rounds):
+            missing = torch.tensor([wanted - int(torch.cat(informative).sum())], device=self.device)
+            missing = int(self.accelerator.gather(missing).max())  # every process samples the same rounds
+            if missing <= 0:
+                break
+            prompts, generator = self.draw_prompts(missing, sampling_round)
+            parts.append(self.draw_responses(prompts, max_seq_len, temperature, generator, group_size=G))
+            informative.append(~constant_groups(self.rewards(parts[-1]).view(-1, G)))
+        groups = chosen_groups(torch.cat(informative).cpu(), wanted)
+        rows = (groups[:, None] * G + torch.arange(G)).view(-1)
+        merged = merge_samples(parts, self.palm.pad_id)
+        return select_rows(merged, rows.to(merged.seq.device)), len(merged.seq) - len(rows)
 
     def loss(self, mb: dict, rollout: GroupRollout, normalizers: Normalizers):
         """Step 5 on one micro-batch: the clipped surrogate and, with kl_in="loss", beta times the k3

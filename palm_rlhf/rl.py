@@ -18,7 +18,7 @@ The masked maths both methods use sit here as small functions: masked means, the
 estimators (Schulman 2020), PPO's clipped surrogate (Schulman et al. 2017, eq. 7) with DAPO's
 clip-higher (Yu et al. 2025). Masks are bool, True at response tokens.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -268,8 +268,8 @@ class Samples:
     mask: torch.Tensor
     start: int
     budget: int
-    log_probs: torch.Tensor
-    entropy: torch.Tensor
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     scores: torch.Tensor | None = None
@@ -354,11 +354,15 @@ class PolicyTrainer:
                              f"{self.longest_prompt} tokens, so max_seq_len must be at least {self.longest_prompt + 1}")
         return budget
 
-    def draw_prompts(self, num_prompts: int):
+    def draw_prompts(self, num_prompts: int, sampling_round: int = 0):
         """This iteration's `num_prompts` prompts, drawn with replacement, and the generator of its
-        samples, both seeded from (seed, iteration, process index); advances `iteration`."""
-        seed = np.random.SeedSequence([self.config.seed, self.iteration, self.accelerator.process_index]).generate_state(1)[0]
-        self.iteration += 1
+        samples, both seeded from (seed, iteration, process index); advances `iteration`. A later
+        `sampling_round` (DAPO's dynamic sampling) draws more for the iteration just drawn, from
+        (seed, iteration, process index, round)."""
+        if sampling_round == 0:
+            self.iteration += 1
+        key = [self.config.seed, self.iteration - 1, self.accelerator.process_index] + ([sampling_round] if sampling_round else [])
+        seed = np.random.SeedSequence(key).generate_state(1)[0]
         index = torch.randint(len(self.prompts), (num_prompts,), generator=torch.Generator().manual_seed(int(seed)))
         return [self.prompts[i] for i in index.tolist()], torch.Generator(self.device).manual_seed(int(seed))
 
@@ -401,21 +405,34 @@ class PolicyTrainer:
     def sample_and_score(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float, generator,
                          group_size: int = 1, reference: bool = True) -> "Samples":
         """Steps 2-3 of the module docstring for a batch of prompts -> Samples."""
+        samples = self.draw_responses(prompts, max_seq_len, temperature, generator, group_size)
+        return self.forward_passes(samples, temperature, reference)
+
+    @torch.no_grad()
+    def draw_responses(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float, generator,
+                       group_size: int = 1) -> "Samples":
+        """Responses to a batch of prompts, their scores and missing-EOS penalties -> Samples without
+        log-probs yet."""
         check_temperature(temperature)
         self.prepared.eval()
         budget = self.response_budget(max_seq_len)
         seq, mask, start = self.sample(prompts, budget, temperature, group_size=group_size, generator=generator)
-        with self.accelerator.autocast():
-            # log-probs recomputed by a forward pass so that the first ratio is exactly 1
-            policy = self.unwrapped(seq, mask, start, temperature)
-            ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:] if reference else None
         ended = self.ended(seq, start)
         dense = self.token_rewards(seq, mask, start)
         scores = dense.sum(dim=1) if dense is not None else self.score(seq, mask, start)
         penalty = torch.zeros_like(scores) if self.config.missing_eos_penalty is None else \
             self.config.missing_eos_penalty * (~ended).float()
-        return Samples(seq, mask, start, budget, *policy, ref_log_probs=ref_log_probs, scores=scores,
-                       penalty=penalty, ended=ended, token_rewards=dense)
+        return Samples(seq, mask, start, budget, scores=scores, penalty=penalty, ended=ended, token_rewards=dense)
+
+    @torch.no_grad()
+    def forward_passes(self, samples: "Samples", temperature: float, reference: bool = True) -> "Samples":
+        """The samples with the policy's log-probs, entropy (and PPO's values) and, with `reference`,
+        the reference's log-probs, each recomputed by a forward pass so that the first ratio is exactly 1."""
+        seq, mask, start = samples.seq, samples.mask, samples.start
+        with self.accelerator.autocast():
+            policy = self.unwrapped(seq, mask, start, temperature)
+            ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:] if reference else None
+        return replace(samples, **dict(zip(("log_probs", "entropy", "values"), policy)), ref_log_probs=ref_log_probs)
 
     def ended(self, seq, start: int) -> torch.Tensor:
         """(b,) bool: whether each response seq[:, start:] emitted EOS."""

@@ -5,8 +5,8 @@ import torch
 from test_ppo import PROMPTS, TARGET, count_target, tiny_palm
 
 from palm_rlhf.grpo import (
-    GRPOTrainer, aggregate_loss, dr_grpo_advantages, grpo_advantages, reinforce_pp_advantages, rloo_advantages,
-    sequence_log_ratio,
+    GRPOTrainer, aggregate_loss, chosen_groups, dr_grpo_advantages, grpo_advantages, merge_samples, overlong_penalty,
+    reinforce_pp_advantages, rloo_advantages, sequence_log_ratio,
 )
 from palm_rlhf.ppo import clipped_policy_loss
 from palm_rlhf.rl import clipped_surrogate, kl_penalty, text_reward_fn
@@ -317,3 +317,69 @@ def test_with_dropout_the_first_ratio_is_exactly_one_and_temperature_zero_is_ref
     assert stats["approx_kl"] == 0.0 and stats["clip_fraction"] == 0.0
     with pytest.raises(ValueError, match="temperature must be > 0"):
         t.step(max_seq_len=10, prompts_per_step=1, temperature=0.0)
+
+
+# --- DAPO's dynamic sampling and overlong punishment -----------------------------------------------
+
+
+def test_overlong_penalty_by_hand():
+    # budget 10, buffer 4: free up to 6 tokens, then a quarter of a point per token, 1 at the budget
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    torch.testing.assert_close(overlong_penalty(lengths, budget=10, buffer=4), torch.tensor([0.0, 0.0, 0.25, 0.5, 1.0]))
+    t = trainer(estimator="rloo", kl_in="reward", beta=0.0, overlong_buffer=8)
+    samples = t.draw_responses(PROMPTS, 12, 1.0, torch.Generator().manual_seed(0), group_size=4)
+    lengths = samples.mask[:, samples.start:].sum(dim=1).float()
+    torch.testing.assert_close(t.rewards(samples), samples.scores - lengths / 8)  # budget 12 - 4 = 8 = the buffer
+
+
+def test_chosen_groups_take_the_informative_ones_first_in_the_order_drawn():
+    informative = torch.tensor([False, True, False, True, True])
+    assert chosen_groups(informative, 2).tolist() == [1, 3]
+    assert chosen_groups(informative, 4).tolist() == [0, 1, 3, 4]  # too few: the first equal-score group fills in
+
+
+def test_merged_rounds_keep_every_response_and_its_log_probs():
+    t = trainer(beta=0.04)
+    long_prompt = t.draw_responses([PROMPTS[0]], 12, 1.0, torch.Generator().manual_seed(0), group_size=2)
+    short_prompt = t.draw_responses([PROMPTS[1]], 12, 1.0, torch.Generator().manual_seed(1), group_size=2)
+    merged = merge_samples([short_prompt, long_prompt], PAD_ID)
+    assert merged.start == 4 and short_prompt.start == 2
+    for rows, part in ((slice(0, 2), short_prompt), (slice(2, 4), long_prompt)):
+        assert [s[m].tolist() for s, m in zip(merged.seq[rows], merged.mask[rows])] == [s[m].tolist() for s, m in zip(part.seq, part.mask)]
+        assert torch.equal(merged.scores[rows], part.scores)
+        alone, together = t.forward_passes(part, 1.0), t.forward_passes(merged, 1.0)
+        width = alone.log_probs.shape[1]
+        mask = part.mask[:, part.start:]
+        for name in ("log_probs", "ref_log_probs"):
+            torch.testing.assert_close(getattr(together, name)[rows, :width][mask], getattr(alone, name)[mask], atol=1e-5, rtol=1e-5)
+
+
+def one_prompt_informative(seq, prompt_mask, mask):
+    """0 for every response to the 4-token prompt; the sum of the response's token ids (which differ
+    between samples) for the 2-token one."""
+    varied = (seq * (mask & ~prompt_mask)).sum(dim=1).float()
+    return torch.where(prompt_mask.sum(dim=1) == 4, 0.0, varied)
+
+
+def test_dynamic_sampling_replaces_equal_score_groups_and_keeps_the_batch_size():
+    t = trainer(reward_fn=one_prompt_informative, estimator="rloo", kl_in="reward", beta=0.0, dynamic_sampling=True,
+                max_sampling_rounds=10)
+    prompts, generator = t.draw_prompts(2)
+    rollout, stats = t.rollout(prompts, max_seq_len=12, generator=generator)
+    prompt_mask = rollout.mask & (torch.arange(rollout.seq.shape[1]) < rollout.start)
+    scores = one_prompt_informative(rollout.seq, prompt_mask, rollout.mask).view(2, 4)
+    assert len(rollout.seq) == 8 and (prompt_mask.sum(dim=1) == 2).all()  # only the short prompt's groups
+    assert (scores != scores[:, :1]).any(dim=1).all() and stats["extra_samples"] % 4 == 0
+    policy, _ = t.unwrapped(rollout.seq, rollout.mask, rollout.start, 1.0)
+    assert torch.equal(rollout.log_probs, policy)  # recomputed on the merged batch: the first ratio is exactly 1
+
+    # no informative group at all: each later round draws the whole batch again, then it is kept
+    t = trainer(reward_fn=lambda seq, prompt_mask, mask: torch.zeros(len(seq)), estimator="rloo", kl_in="reward",
+                beta=0.0, dynamic_sampling=True, max_sampling_rounds=3)
+    stats, rollout = t.step(max_seq_len=12, prompts_per_step=2)
+    assert len(rollout.seq) == 8 and stats["extra_samples"] == (3 - 1) * 2 * 4 and stats["zero_variance_groups"] == 1.0
+
+    # one round is no dynamic sampling at all
+    plain, once = (trainer(estimator="rloo", kl_in="reward", beta=0.0, **kw).step(max_seq_len=12, prompts_per_step=2)[1]
+                   for kw in (dict(), dict(dynamic_sampling=True, max_sampling_rounds=1)))
+    assert torch.equal(plain.seq, once.seq) and torch.equal(plain.advantages, once.advantages)

@@ -130,6 +130,10 @@ RL_METHODS = {
         palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator=estimator,
         group_size=16, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0))
        for estimator in ("reinforce_pp", "reinforce_pp_baseline")},
+    # groups of 2, so that many have equal scores and DAPO's dynamic sampling replaces them
+    "rloo with dynamic sampling, KL in the reward": lambda: GRPOTrainer(
+        palm=reference_palm(), reward_fn=bandit_reward, prompt_token_ids=prompt_ids(), estimator="rloo", group_size=2,
+        prompts_per_step=64, dynamic_sampling=True, beta=BETA, kl_target=None, kl_in="reward", loss_aggregation="token", lr=3e-3, minibatch_size=128, seed=0),
 }
 
 
@@ -141,7 +145,7 @@ def reference():
 @pytest.mark.parametrize("method", list(RL_METHODS))
 def test_kl_regularised_rl_reaches_the_closed_form_optimum(method, reference):
     trainer = RL_METHODS[method]()
-    batch = dict(rollout_batch_size=128) if method == "ppo" else dict(prompts_per_step=8)
+    batch = dict(rollout_batch_size=128) if method == "ppo" else dict(prompts_per_step=128 // trainer.config.group_size)
     target = regularised_optimum(reference)
     assert kl(reference, target) > 0.3  # the optimum is far from where training starts
     tuned = train_rl(trainer, 150, batch)
