@@ -243,6 +243,7 @@ class RLConfig:
     micro_batch_size: int | None = setting(None, "responses per forward and backward within a minibatch (none: the whole minibatch); the gradient is the same either way", at_least=1)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", at_least=0)
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's beta1,beta2")
+    lr_schedule: str = setting("constant", "learning rate over the iterations: constant, or linear (from lr down to lr / iterations at the last, as lm-human-preferences anneals it)", choices=("constant", "linear"))
     kl_target: float | None = setting(8.0, "target KL per response (nats) of an adaptive beta (Ziegler et al. eq. 2); none keeps beta fixed", above=0)
     kl_horizon: int = setting(150, "horizon of the adaptive beta, in responses: the larger, the slower it moves", at_least=1)
     kl_beta_floor: float = setting(0.5, "the adaptive beta never falls below this fraction of its starting beta", at_least=0, at_most=1)
@@ -452,6 +453,7 @@ class PolicyTrainer:
         # without dropout, as the rollout: the ratio must compare one function at two parameter
         # settings, so that it is exactly 1 before the first step (TRL disables dropout likewise)
         self.prepared.eval()
+        self.anneal_learning_rate()
         totals, steps = {}, 0
         for _ in range(self.config.epochs):
             for index in torch.randperm(len(rollout.seq)).split(self.config.minibatch_size):
@@ -459,6 +461,15 @@ class PolicyTrainer:
                     totals[name] = totals.get(name, 0.0) + value
                 steps += 1
         return {name: total / steps for name, total in totals.items()}
+
+    def anneal_learning_rate(self):
+        """With lr_schedule linear, iteration i of n (from 1) updates at (n - i + 1) / n of each
+        parameter group's starting rate, which the group keeps as `base_lr` (so that a checkpoint holds it)."""
+        if self.config.lr_schedule == "constant":
+            return
+        remaining = max(0, self.config.iterations - self.iteration + 1) / self.config.iterations
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * remaining
 
     def optimizer_step(self, rollout, index: torch.Tensor) -> dict:
         """One optimizer step on the responses `index` of the rollout, in micro-batches of

@@ -73,6 +73,7 @@ def test_flags_override_a_devices_peaks_and_an_unknown_device_needs_both():
         bench_gpu.device_peak("cpu", peak_flops=1e12)
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_on_cpu(capsys):
     rows = bench_gpu.main([
         "--device", "cpu", "--peak_flops", "1e12", "--bandwidth", "2e10", "--presets", "tiny", "--batch", "2",

@@ -184,6 +184,7 @@ def test_train_maps_episodes_timesteps_and_updates():
         trainer.train(num_episodes=1, max_timesteps=3, update_timesteps=4)
 
 
+@pytest.mark.slow
 def test_trainer_generate_best_of_n():
     trainer = seed_trainer(seed_palm())
     prompt = torch.tensor([11, 12, 13])

@@ -39,6 +39,7 @@ def assert_same_weights(a: dict, b: dict, atol: float):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
+@pytest.mark.slow
 def test_the_language_model_under_zero3_trains_as_ddp_does_and_resumes(tmp_path):
     # a small clipping norm, so that DeepSpeed's clipping (at the script's --max_grad_norm) acts, and
     # two micro-batches per step, which DeepSpeed must accumulate as the script asks
@@ -57,6 +58,7 @@ def test_the_language_model_under_zero3_trains_as_ddp_does_and_resumes(tmp_path)
     assert [p.shape for p in whole.parameters()] == [p.shape for p in PaLM.from_config(whole.config).parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, tiny, resume", [
     ("train_ppo.py", [*PPO, "--iterations"], True),
     ("train_grpo.py", [*GRPO, "--iterations"], False),
@@ -76,6 +78,7 @@ def test_rl_under_zero3_trains_as_ddp_does(tmp_path, checkpoints, script, tiny, 
     PaLM.from_pretrained(tmp_path / "zero3" / "final")
 
 
+@pytest.mark.slow
 def test_dpo_and_the_reward_model_under_zero3_train_as_ddp_does(tmp_path, checkpoints):  # noqa: F811
     for script, args in (("train_dpo.py", [*DPO, checkpoints[0], checkpoints[1], "--steps", "2"]),
                          ("train_reward.py", [*REWARD, "--steps", "2"])):
@@ -85,6 +88,7 @@ def test_dpo_and_the_reward_model_under_zero3_train_as_ddp_does(tmp_path, checkp
         assert_same_weights(final_weights(run / "zero3"), final_weights(run / "ddp"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_configs_bf16_reaches_the_lm_and_ppo_whose_frozen_reward_head_stays_fp32(tmp_path, checkpoints):  # noqa: F811
     # the shipped config's precision (bf16), as `accelerate launch --config_file` gives it: DeepSpeed
     # casts the prepared model to bf16; PPO's reward model shares that base but keeps its fp32 head

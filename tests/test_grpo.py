@@ -213,6 +213,19 @@ def test_the_adaptive_beta_moves_towards_the_kl_target_as_ppos_and_weighs_the_ne
         assert fixed.kl.beta == beta
 
 
+def test_the_linear_schedule_steps_at_the_remaining_share_of_the_starting_rate():
+    t = trainer(lr=3e-3, iterations=3, lr_schedule="linear")
+    rates = []
+    for _ in range(3):
+        t.step(max_seq_len=12, prompts_per_step=2)
+        rates.append(t.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([3e-3, 2e-3, 1e-3])
+    constant = trainer(lr=3e-3, iterations=3, lr_schedule="constant")
+    for _ in range(2):
+        constant.step(max_seq_len=12, prompts_per_step=2)
+    assert constant.optimizer.param_groups[0]["lr"] == 3e-3
+
+
 def test_the_response_budget_is_fixed_by_the_longest_prompt_not_by_each_batch():
     t = trainer(estimator="dr_grpo", loss_aggregation="constant", beta=0.0)
     short_only = [PROMPTS[1]] * 2  # 2 tokens; the trainer's longest prompt has 4

@@ -43,7 +43,7 @@ def launch_twice(script, run_dir, first_args, resumed_args):
     return first, resumed
 
 
-@pytest.mark.parametrize("script, tiny", [("train_ppo.py", PPO), ("train_grpo.py", GRPO)])
+@pytest.mark.parametrize("script, tiny", [pytest.param("train_ppo.py", PPO, marks=pytest.mark.slow), ("train_grpo.py", GRPO)])
 def test_rl_stage_on_two_processes(tmp_path, checkpoints, script, tiny):  # noqa: F811
     run = tmp_path / "run"
     _, resumed = launch_twice(script, run, [*tiny, *checkpoints, "--iterations", "1"],
@@ -53,6 +53,7 @@ def test_rl_stage_on_two_processes(tmp_path, checkpoints, script, tiny):  # noqa
     assert not PaLM.from_pretrained(run / "final").finetune_modules
 
 
+@pytest.mark.slow
 def test_reward_model_on_two_processes(tmp_path):
     run = tmp_path / "run"
     _, resumed = launch_twice("train_reward.py", run, [*REWARD, "--steps", "1"], [*REWARD, "--steps", "2"])
@@ -61,6 +62,7 @@ def test_reward_model_on_two_processes(tmp_path):
     RewardModel.from_pretrained(run / "final")
 
 
+@pytest.mark.slow
 def test_dpo_on_two_processes(tmp_path):
     torch.manual_seed(0)
     PaLM.from_config(PaLMConfig.from_name("tiny")).save(tmp_path / "lm")

@@ -212,6 +212,7 @@ def train_dpo(method: str, beta: float) -> tuple:
     return letter_response_distributions(palm, finetune_scope="dpo"), letter_response_distributions(palm, disable_lora=True)
 
 
+@pytest.mark.slow
 def test_dpo_reaches_pi_star_over_the_compared_responses():
     tuned, reference = train_dpo("dpo", BETA)
     letters = REWARD[:, 2:].double()
@@ -220,6 +221,7 @@ def test_dpo_reaches_pi_star_over_the_compared_responses():
     assert kl(tuned, target) < 0.02, (kl(tuned, target), kl(reference, target))
 
 
+@pytest.mark.slow
 def test_ipo_reaches_its_own_optimum_over_the_compared_responses():
     tau = 0.25
     tuned, reference = train_dpo("ipo", tau)

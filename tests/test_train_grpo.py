@@ -78,6 +78,7 @@ def test_rloo_without_a_reference(tmp_path, checkpoints):  # noqa: F811
     assert not PaLM.from_pretrained(run / "final").finetune_modules
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_reward_models(tmp_path, checkpoints):  # noqa: F811
     lm, reward = checkpoints[1], checkpoints[3]
     torch.manual_seed(1)

@@ -66,7 +66,7 @@ def test_runs_end_to_end_and_leaves_a_loadable_checkpoint(tmp_path):
     assert torch.isfinite(palm(torch.randint(0, 256, (1, 8)))).all()
 
 
-@pytest.mark.parametrize("sig, resume_from", [(signal.SIGKILL, "checkpoint"), (signal.SIGINT, "stop")])
+@pytest.mark.parametrize("sig, resume_from", [(signal.SIGKILL, "checkpoint"), pytest.param(signal.SIGINT, "stop", marks=pytest.mark.slow)])
 def test_a_killed_run_resumed_gives_the_losses_of_an_uninterrupted_run(tmp_path, sig, resume_from):
     steps = ["--steps", "120", "--checkpoint_every", "4", "--seed", "3"]
     assert run_script(train_args(tmp_path, "straight", *steps)).returncode == 0

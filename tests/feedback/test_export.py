@@ -257,6 +257,7 @@ def test_cli_import_rate_export(tmp_path):
     assert oct(stat.S_IMODE((tmp_path / "data").stat().st_mode)) == "0o700"
 
 
+@pytest.mark.slow
 def test_export_trains_reward_model(client_for, make_items, tmp_path):
     """export -> train_reward.py on a tiny model: the loop from raters back to training closes."""
     make_items(prompts=4, responses=2, num_bins=5)
