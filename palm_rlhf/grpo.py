@@ -340,17 +340,17 @@ class GRPOTrainer(PolicyTrainer):
         # 1. G samples of each prompt from one encoding of it; with dynamic_sampling, groups of new
         # prompts in place of those whose scores are all equal
         samples = self.draw_responses(prompts, max_seq_len, temperature, generator, group_size=G)
-        drawn = constant_groups(self.rewards(samples).view(-1, G)).float().mean()
+        constant = constant_groups(self.rewards(samples).view(-1, G))  # (P,)
         extra = {}
         if c.dynamic_sampling:
-            samples, extra["extra_samples"] = self.resample_constant_groups(samples, max_seq_len, temperature)
+            samples, extra["extra_samples"] = self.resample_constant_groups(samples, constant, max_seq_len, temperature)
         # 2. their log-probs, and the reference's unless beta = 0
         samples = self.forward_passes(samples, temperature, reference=c.beta > 0)
         # 3. scores, less the missing-EOS penalty (and DAPO's overlong one) and, with kl_in="reward",
         # beta * KL of each response
         rewards = self.rewards(samples)
         groups = rewards.view(-1, G)  # (P, G)
-        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(), zero_variance_groups=drawn, **extra)
+        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(), zero_variance_groups=constant.float().mean(), **extra)
         in_reward = samples.ref_log_probs is not None and c.kl_in == "reward"
         if samples.ref_log_probs is not None:
             kl_tokens = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask)  # (P * G, r)
@@ -377,14 +377,16 @@ class GRPOTrainer(PolicyTrainer):
             rewards = rewards - overlong_penalty(lengths, samples.budget, self.config.overlong_buffer)
         return rewards
 
-    def resample_constant_groups(self, samples: Samples, max_seq_len: int, temperature: float) -> tuple[Samples, int]:
+    def resample_constant_groups(self, samples: Samples, constant: torch.Tensor, max_seq_len: int,
+                                 temperature: float) -> tuple[Samples, int]:
         """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): a group whose rewards are all equal
         has no advantage to learn from, so more prompts are drawn, G responses each, in up to
         max_sampling_rounds rounds in all, and the batch keeps as many groups as it had, informative
-        ones first -> (Samples before their forward passes, the extra responses drawn)."""
+        ones first. constant: (P,) bool, which of the samples' groups have equal rewards
+        -> (Samples before their forward passes, the extra responses drawn)."""
         c, G = self.config, self.config.group_size
         wanted = len(samples.seq) // G
-        parts, informative = [samples], [~constant_groups(self.rewards(samples).view(-1, G))]
+        parts, informative = [samples], [~constant]
         for sampling_round in range(1, c.max_sampling_rounds):
             missing = torch.tensor([wanted - int(torch.cat(informative).sum())], device=self.device)
             missing = int(self.accelerator.gather(missing).max())  # every process samples the same rounds

@@ -133,6 +133,9 @@ def main(out_dir: Path):
     report = dict(ppo=drawn(ppo, *ppo.step(SEQ_LEN, BATCH)), beta=ppo.kl.beta)
     grpo = grpo_trainer(accelerator)
     report["grpo"] = drawn(grpo, *grpo.step(SEQ_LEN, BATCH // 2))
+    # DAPO's dynamic sampling: every process must take the same rounds of extra sampling
+    dynamic = grpo_trainer(accelerator, dynamic_sampling=True)
+    report["grpo_dynamic"] = drawn(dynamic, *dynamic.step(SEQ_LEN, BATCH // 2))
 
     # one update on this process's half of a rollout: the gradients averaged over the processes are
     # those of the whole rollout on one process (equal token counts, whitened once over the whole)

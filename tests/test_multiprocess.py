@@ -33,7 +33,7 @@ def test_process_0_draws_what_one_process_with_the_same_seed_draws(launched):
     assert rollout.seq.tolist() == launched[0][0]["ppo"]["seq"]
 
 
-@pytest.mark.parametrize("method", ["ppo", "grpo"])
+@pytest.mark.parametrize("method", ["ppo", "grpo", "grpo_dynamic"])
 def test_parameters_and_logged_diagnostics_agree_across_processes(launched, method):
     first, second = (ranks[method] for ranks in launched[0])
     assert first["checksum"] == second["checksum"]
