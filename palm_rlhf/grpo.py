@@ -182,11 +182,15 @@ def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
         left, right = start - p.start, width - (t.shape[1] - p.start)
         return torch.cat((t.new_full((len(t), left), fill), t, t.new_full((len(t), right), fill)), dim=1)
 
-    dense = None if parts[0].token_rewards is None else torch.cat(
-        [torch.cat((p.token_rewards, p.token_rewards.new_zeros(len(p.seq), width - p.token_rewards.shape[1])), dim=1) for p in parts])
+    def responses(name):  # (b, its width) per response token -> (b, width), 0 after each part's width
+        if getattr(parts[0], name) is None:
+            return None
+        return torch.cat([torch.cat((t, t.new_zeros(len(t), width - t.shape[1])), dim=1) for t in (getattr(p, name) for p in parts)])
+
     return Samples(torch.cat([aligned(p.seq, p, pad_id) for p in parts]), torch.cat([aligned(p.mask, p, False) for p in parts]),
                    start, parts[0].budget, scores=torch.cat([p.scores for p in parts]),
-                   penalty=torch.cat([p.penalty for p in parts]), ended=torch.cat([p.ended for p in parts]), token_rewards=dense)
+                   penalty=torch.cat([p.penalty for p in parts]), ended=torch.cat([p.ended for p in parts]),
+                   token_rewards=responses("token_rewards"), sampler_log_probs=responses("sampler_log_probs"))
 
 
 def select_rows(samples: Samples, rows: torch.Tensor) -> Samples:
@@ -246,7 +250,7 @@ class GroupRollout(RolloutTensors):
     """One batch of groups: seq, mask (P * G, n), prompt i's G responses in rows i * G .. i * G + G - 1;
     advantages (P * G,), or (P * G, r) per token (REINFORCE++); log-probs (P * G, r) of the response seq[:, start:] under the sampling policy
     and under the reference (None when beta = 0); max_new_tokens = the response budget, the
-    constant of Dr. GRPO's aggregation."""
+    constant of Dr. GRPO's aggregation; is_weights (P * G, r), the rollout_correction's, or None."""
 
     seq: torch.Tensor
     mask: torch.Tensor
@@ -256,6 +260,7 @@ class GroupRollout(RolloutTensors):
     start: int
     temperature: float
     max_new_tokens: int
+    is_weights: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,7 +355,7 @@ class GRPOTrainer(PolicyTrainer):
         # beta * KL of each response
         rewards = self.rewards(samples)
         groups = rewards.view(-1, G)  # (P, G)
-        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **samples.stats(), zero_variance_groups=constant.float().mean(), **extra)
+        stats = dict(score=samples.scores.mean(), beta=self.kl.beta, **self.rollout_stats(samples), zero_variance_groups=constant.float().mean(), **extra)
         in_reward = samples.ref_log_probs is not None and c.kl_in == "reward"
         if samples.ref_log_probs is not None:
             kl_tokens = kl_penalty(samples.log_probs, samples.ref_log_probs, "k1", samples.response_mask)  # (P * G, r)
@@ -365,7 +370,7 @@ class GRPOTrainer(PolicyTrainer):
                 groups = (rewards - self.kl.beta * kl).view(-1, G)
             advantages = ADVANTAGE_ESTIMATORS[c.estimator](groups).view(-1)
         rollout = GroupRollout(samples.seq, samples.mask, advantages, samples.log_probs, samples.ref_log_probs,
-                               samples.start, temperature, samples.budget)
+                               samples.start, temperature, samples.budget, samples.is_weights)
         return rollout, {k: float(v) for k, v in stats.items()}
 
     def rewards(self, samples: Samples) -> torch.Tensor:
@@ -412,6 +417,8 @@ class GRPOTrainer(PolicyTrainer):
         advantages = mb["advantages"] if mb["advantages"].dim() == 2 else mb["advantages"][:, None]  # (b, r) or (b, 1)
         surrogate, is_clipped = clipped_surrogate(ratio_log_probs, mb["log_probs"], advantages,
                                                   c.eps_clip, c.eps_clip_high, resp_mask)
+        if "is_weights" in mb:  # the sampler-learner correction (rollout_precision.py)
+            surrogate = surrogate * mb["is_weights"]
         policy_loss = aggregate_loss(surrogate, resp_mask, c.loss_aggregation, rollout.max_new_tokens, normalizers)
         # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples
         approx_kl = kl_penalty(mb["log_probs"], log_probs.detach(), "k3", resp_mask)

@@ -88,21 +88,34 @@ class FinetuneScopes:
         return self
 
     @torch.no_grad()
-    def merge_finetune_params(self, scope: str):
-        """Folds a scope into the base weights and removes it: the merged model needs no adapters."""
+    def merged_weights(self, scope: str) -> dict:
+        """The base's parameters by name with `scope` folded in, as merge_finetune_params leaves them,
+        this model unchanged: the weights a scope changes are new tensors, the others the base's own."""
+        weights = {name: p for name, p in self.named_parameters() if not name.startswith("finetune_modules.")}
         modules = self.finetune_modules[self._check_scope(scope)]
         if "last_n_layers" in self.config.finetune_scopes[scope]:
-            for base, tuned in zip(self.layers[-len(modules):], modules):
-                base.load_state_dict(tuned.state_dict())
-        else:
-            c = self.config
-            q_end, k_end, v_end = c.heads * c.dim_head, c.heads * c.dim_head + c.dim_head, c.heads * c.dim_head + 2 * c.dim_head
-            for layer, lora in zip(self.layers, modules):
-                w_in = layer.fused_in.weight
-                w_in[:q_end] += lora["q"].delta_weight()
-                w_in[q_end:k_end] += lora["k"].delta_weight()
-                w_in[k_end:v_end] += lora["v"].delta_weight()
-                layer.attn_out.weight += lora["o"].delta_weight()
+            first = len(self.layers) - len(modules)
+            for i, tuned in enumerate(modules):
+                weights.update({f"layers.{first + i}.{name}": p for name, p in tuned.named_parameters()})
+            return weights
+        c = self.config
+        q_end, k_end, v_end = c.heads * c.dim_head, c.heads * c.dim_head + c.dim_head, c.heads * c.dim_head + 2 * c.dim_head
+        for i, (layer, lora) in enumerate(zip(self.layers, modules)):
+            w_in = layer.fused_in.weight.clone()
+            w_in[:q_end] += lora["q"].delta_weight()
+            w_in[q_end:k_end] += lora["k"].delta_weight()
+            w_in[k_end:v_end] += lora["v"].delta_weight()
+            weights[f"layers.{i}.fused_in.weight"] = w_in
+            weights[f"layers.{i}.attn_out.weight"] = layer.attn_out.weight + lora["o"].delta_weight()
+        return weights
+
+    @torch.no_grad()
+    def merge_finetune_params(self, scope: str):
+        """Folds a scope into the base weights and removes it: the merged model needs no adapters."""
+        merged = self.merged_weights(scope)
+        for name, param in self.named_parameters():
+            if name in merged and merged[name] is not param:
+                param.copy_(merged[name])
         self.remove_finetune_params(scope)
 
     def _check_scope(self, scope):

@@ -88,11 +88,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def clipped_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.2, clip_high: float | None = None,
-                        num_tokens: torch.Tensor | None = None):
-    """The clipped surrogate, averaged over the response tokens: L = E_t[l_t] (`token_mean`).
+                        num_tokens: torch.Tensor | None = None, weights: torch.Tensor | None = None):
+    """The clipped surrogate, averaged over the response tokens: L = E_t[w_t l_t] (`token_mean`),
+    w_t the rollout correction's importance weights (rollout_precision.py), 1 without them.
 
     Returns the loss and the clip fraction (share of tokens where the clipped term is chosen)."""
     losses, is_clipped = clipped_surrogate(log_probs, old_log_probs, advantages, clip, clip_high, mask)
+    if weights is not None:
+        losses = losses * weights
     return token_mean(losses, mask, num_tokens), token_mean(is_clipped.float(), mask, num_tokens)
 
 
@@ -147,7 +150,8 @@ class ActorCritic(Actor):
 
 @dataclass
 class Rollout(RolloutTensors):
-    """One batch of experience. seq, mask (b, n); the rest (b, r) for the response seq[:, start:]."""
+    """One batch of experience. seq, mask (b, n); the rest (b, r) for the response seq[:, start:];
+    is_weights, the rollout correction's, or None."""
 
     seq: torch.Tensor
     mask: torch.Tensor
@@ -157,6 +161,7 @@ class Rollout(RolloutTensors):
     returns: torch.Tensor
     start: int
     temperature: float
+    is_weights: torch.Tensor | None = None
 
 
 def memmap_rollout(rollout: Rollout, directory) -> Rollout:
@@ -273,10 +278,10 @@ class RLHFTrainer(PolicyTrainer):
         rewards[torch.arange(len(samples.seq)), last] += scores if dense is None else -samples.penalty
         # 4. GAE, returns, whitened advantages
         advantages, returns = gae(rewards, samples.values, resp_mask, c.gamma, c.lam)
-        stats = dict(score=scores.mean(), kl=kl.sum(dim=1).mean(), beta=self.kl.beta, **samples.stats(),
+        stats = dict(score=scores.mean(), kl=kl.sum(dim=1).mean(), beta=self.kl.beta, **self.rollout_stats(samples),
                      explained_variance=explained_variance(samples.values, returns, resp_mask))
         rollout = Rollout(samples.seq, samples.mask, samples.log_probs, samples.values, masked_whiten(advantages, resp_mask),
-                          returns, samples.start, temperature)
+                          returns, samples.start, temperature, samples.is_weights)
         return rollout, {k: float(v) for k, v in stats.items()}
 
     def loss(self, mb: dict, rollout: Rollout, normalizers: Normalizers):
@@ -286,7 +291,7 @@ class RLHFTrainer(PolicyTrainer):
         with self.accelerator.autocast():
             log_probs, entropy, values = self.actor_critic(mb["seq"], mb["mask"], rollout.start, rollout.temperature)
         policy_loss, clip_fraction = clipped_policy_loss(log_probs, mb["log_probs"], mb["advantages"], resp_mask,
-                                                         c.eps_clip, num_tokens=tokens)
+                                                         c.eps_clip, num_tokens=tokens, weights=mb.get("is_weights"))
         value_loss, value_clip_fraction = clipped_value_loss(values, mb["values"], mb["returns"], resp_mask,
                                                              c.value_clip, num_tokens=tokens)
         loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * token_mean(entropy, resp_mask, tokens)

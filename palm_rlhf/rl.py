@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from palm_rlhf.checkpoint import whole_copy
 from palm_rlhf.config import check_settings, require, setting
 from palm_rlhf.model import PaLM, token_log_probs
+from palm_rlhf.rollout_precision import CORRECTIONS, ROLLOUT_DTYPES, RolloutCopy, importance_weights, mismatch_stats
 from palm_rlhf.tokenizer import ByteTokenizer, check_vocab_size, pad
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,6 +250,9 @@ class RLConfig:
     kl_beta_floor: float = setting(0.5, "the adaptive beta never falls below this fraction of its starting beta", at_least=0, at_most=1)
     missing_eos_penalty: float | None = setting(None, "subtracted from the score of a response without EOS (none disables)")
     seed: int = setting(0, "seed of sampling and prompt order")
+    rollout_dtype: str = setting("fp32", "precision of the sampler: fp32 (the learner itself), or bf16 (a bf16 copy of the base with the current adapters merged, refreshed after each update; the learner still scores in fp32)", choices=tuple(ROLLOUT_DTYPES))
+    rollout_correction: str = setting("none", "importance weights for the sampler-learner mismatch (rollout_precision.py): none, token_tis (min(rho, cap), Yao et al. 2025), token_mis (rho, 0 past the cap), sequence_tis, sequence_mis (the same on each response's product of ratios)", choices=CORRECTIONS)
+    rollout_correction_cap: float = setting(2.0, "the cap C of rollout_correction; also where sampler_past_cap counts a token", above=0)
 
     def __post_init__(self):
         check_settings(self)
@@ -263,7 +267,8 @@ class Samples:
     """A rollout's responses and what both methods compute from them: seq, mask (b, n); log-probs,
     entropy, (PPO's) values and the reference's log-probs (b, r) of the response seq[:, start:], at
     most `budget` tokens; scores, the missing-EOS penalty and whether each ended (b,); a process
-    reward model's per-token rewards (b, r), or None."""
+    reward model's per-token rewards (b, r), or None; the sampler's log-probs of the response
+    tokens (b, r) and the importance weights that correct for it (rollout_precision.py), or None."""
 
     seq: torch.Tensor
     mask: torch.Tensor
@@ -277,15 +282,19 @@ class Samples:
     penalty: torch.Tensor | None = None
     ended: torch.Tensor | None = None
     token_rewards: torch.Tensor | None = None
+    sampler_log_probs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
     @property
     def response_mask(self) -> torch.Tensor:
         return self.mask[:, self.start :]
 
-    def stats(self) -> dict:
-        """What both methods log of a rollout, this process's means (each adds its score and KL)."""
+    def stats(self, cap: float) -> dict:
+        """What both methods log of a rollout, this process's means (each adds its score and KL),
+        with the sampler-learner mismatch (`cap`: rollout_correction_cap)."""
         return dict(response_length=self.response_mask.sum(dim=1).float().mean(), ended_with_eos=self.ended.float().mean(),
-                    entropy=masked_mean(self.entropy, self.response_mask))
+                    entropy=masked_mean(self.entropy, self.response_mask),
+                    **mismatch_stats(self.log_probs, self.sampler_log_probs, self.response_mask, cap))
 
 
 class Normalizers(NamedTuple):
@@ -316,6 +325,8 @@ class PolicyTrainer:
         # iteration i draws its prompts and samples from (seed, i, process index): each process its
         # own, and a resumed run (which sets `iteration`) draws what an uninterrupted one would
         self.iteration = 0
+        # optimizer steps taken: the bf16 sampler (made at the first rollout) is refreshed when it lags them
+        self.updates, self.rollout_copy = 0, None
         self.accelerator = accelerator or Accelerator(**(accelerate_kwargs or {}))
         self.tokenizer = tokenizer or palm.tokenizer
         if self.tokenizer is not None:
@@ -385,22 +396,35 @@ class PolicyTrainer:
             rewards = self.reward_model.token_rewards(seq, prompt_mask=prompt_mask_before(mask, start), mask=mask)
         return rewards[:, start - 1:].float()
 
+    def sampler(self) -> tuple[PaLM, str | None]:
+        """The model rollouts sample from and its scope: the actor scope of the learner itself, or with
+        rollout_dtype bf16 the copy (rollout_precision.py), refreshed first if an update came since."""
+        if self.config.rollout_dtype == "fp32":
+            return self.palm, self.actor_scope
+        if self.rollout_copy is None:
+            self.rollout_copy = RolloutCopy(self.palm, self.actor_scope, ROLLOUT_DTYPES[self.config.rollout_dtype])
+        if self.rollout_copy.version != self.updates:
+            self.rollout_copy.refresh(self.updates)
+        return self.rollout_copy.model, None
+
     @torch.no_grad()
     def sample(self, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 1.0, group_size: int = 1,
-               **sampling):
+               with_log_probs: bool = False, **sampling):
         """`group_size` responses of at most `max_new_tokens` from the actor to each prompt, prompt i's in
         rows i * G .. i * G + G - 1 (each prompt encoded once, its KV cache shared): seq, mask (b * G, n)
-        (prompt left-padded, response right-padded after its EOS) and the response start."""
+        (prompt left-padded, response right-padded after its EOS) and the response start; with
+        `with_log_probs`, also the sampler's log-probs of the response tokens (b * G, n - start)."""
+        model, scope = self.sampler()
         prompt, prompt_mask = (t.to(self.device) for t in pad(prompts, self.palm.pad_id, side="left"))
-        tokens = self.palm.generate(prompt.shape[1] + max_new_tokens, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
-                                    eos_token=self.eos_id, finetune_scope=self.actor_scope,
-                                    num_samples_per_prompt=group_size, **sampling)
+        tokens, log_probs = model.generate(prompt.shape[1] + max_new_tokens, prompt=prompt, prompt_mask=prompt_mask,
+                                           temperature=temperature, eos_token=self.eos_id, finetune_scope=scope,
+                                           num_samples_per_prompt=group_size, return_log_probs=True, **sampling)
         prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
         responses_mask = response_mask(tokens, self.eos_id)
         length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
         seq = torch.cat((prompt, tokens[:, :length]), dim=1)
         mask = torch.cat((prompt_mask, responses_mask[:, :length]), dim=1)
-        return seq, mask, prompt.shape[1]
+        return (seq, mask, prompt.shape[1]) + ((log_probs[:, :length],) if with_log_probs else ())
 
     @torch.no_grad()
     def sample_and_score(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float, generator,
@@ -417,23 +441,38 @@ class PolicyTrainer:
         check_temperature(temperature)
         self.prepared.eval()
         budget = self.response_budget(max_seq_len)
-        seq, mask, start = self.sample(prompts, budget, temperature, group_size=group_size, generator=generator)
+        seq, mask, start, sampler_log_probs = self.sample(prompts, budget, temperature, group_size=group_size,
+                                                          with_log_probs=True, generator=generator)
         ended = self.ended(seq, start)
         dense = self.token_rewards(seq, mask, start)
         scores = dense.sum(dim=1) if dense is not None else self.score(seq, mask, start)
         penalty = torch.zeros_like(scores) if self.config.missing_eos_penalty is None else \
             self.config.missing_eos_penalty * (~ended).float()
-        return Samples(seq, mask, start, budget, scores=scores, penalty=penalty, ended=ended, token_rewards=dense)
+        return Samples(seq, mask, start, budget, scores=scores, penalty=penalty, ended=ended, token_rewards=dense,
+                       sampler_log_probs=sampler_log_probs)
 
     @torch.no_grad()
     def forward_passes(self, samples: "Samples", temperature: float, reference: bool = True) -> "Samples":
         """The samples with the policy's log-probs, entropy (and PPO's values) and, with `reference`,
-        the reference's log-probs, each recomputed by a forward pass so that the first ratio is exactly 1."""
+        the reference's log-probs, each recomputed by a forward pass so that the first ratio is exactly 1;
+        and the importance weights of `rollout_correction` from them and the sampler's."""
         seq, mask, start = samples.seq, samples.mask, samples.start
         with self.accelerator.autocast():
             policy = self.unwrapped(seq, mask, start, temperature)
             ref_log_probs = self.palm.log_probs(seq, mask, temperature, disable_lora=True)[:, start - 1:] if reference else None
-        return replace(samples, **dict(zip(("log_probs", "entropy", "values"), policy)), ref_log_probs=ref_log_probs)
+        is_weights = importance_weights(policy[0], samples.sampler_log_probs, samples.response_mask,
+                                        self.config.rollout_correction, self.config.rollout_correction_cap)
+        return replace(samples, **dict(zip(("log_probs", "entropy", "values"), policy)), ref_log_probs=ref_log_probs,
+                       is_weights=is_weights)
+
+    def rollout_stats(self, samples: "Samples") -> dict:
+        """The samples' diagnostics and, with a bf16 sampler, what its copy costs: sampler_memory_mb,
+        sampler_refresh_ms (its last refresh)."""
+        stats = samples.stats(self.config.rollout_correction_cap)
+        if self.rollout_copy is not None:
+            stats.update(sampler_memory_mb=self.rollout_copy.memory_bytes / 2**20,
+                         sampler_refresh_ms=1000 * self.rollout_copy.refresh_seconds)
+        return stats
 
     def ended(self, seq, start: int) -> torch.Tensor:
         """(b,) bool: whether each response seq[:, start:] emitted EOS."""
@@ -487,6 +526,7 @@ class PolicyTrainer:
             self.clip_gradients(self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
         return totals
 
     def normalizers(self, response_mask: torch.Tensor) -> Normalizers:
