@@ -2,14 +2,18 @@
 
     python benchmarks/bench_grpo.py
     python benchmarks/bench_grpo.py --rounds 3 --repeats 10
+    python benchmarks/bench_grpo.py --dim 512 --depth 6 --heads 8 --dim_head 64   # a larger model
 
 The work of one iteration, the same for both: 4 prompts of 16 tokens, 4 samples of each (a group of
 4), 48 new tokens per sample at temperature 1 with no EOS (every sample runs to its 48 tokens),
 reward = the count of the byte "a" in the response, GRPO advantages, one optimizer step on the 16
 responses (one epoch of one minibatch), no KL term (beta 0: TRL's default, so no reference pass for
-either), fp32 on 2 CPU threads.
+either), fp32 on 2 CPU threads. Ours is timed twice: with fp32 rollouts and with bf16 ones
+(rollout_dtype bf16: a bf16 copy of the policy samples, the learner scores and updates in fp32);
+TRL's runs in fp32 (its bf16 option trains in bf16 as well, which is not the same iteration).
 
-Models: ours a PaLM of dim 128, depth 2, 4 heads of 32, one key/value head, SwiGLU of width 512;
+Models (by default; --dim, --depth, --heads, --dim_head change both): ours a PaLM of dim 128,
+depth 2, 4 heads of 32, one key/value head, SwiGLU of width 4 x dim;
 TRL's a LlamaForCausalLM built from a config of the same shape (random weights, no download), with
 a byte-level tokenizer built in memory. Each trainer keeps its own design otherwise: ours trains a
 LoRA scope of the frozen PaLM and shares each prompt's KV cache across its group; TRL trains every
@@ -36,7 +40,7 @@ import time
 import torch
 
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 4, 4, 16, 48
-DIM, DEPTH, HEADS, DIM_HEAD, FF = 128, 2, 4, 32, 512
+IMPLS = {"ours": "fp32", "ours_bf16": "bf16"}  # our runs -> their rollout_dtype
 REWARD_BYTE = ord("a")
 # wall time; or the process's CPU time, which other processes' time slices do not inflate (their use
 # of the caches and memory bandwidth still does): meaningful with --threads 1
@@ -49,8 +53,8 @@ def prompt_bytes(count: int = 64) -> list[bytes]:
     return [bytes(torch.randint(32, 127, (PROMPT_LEN,), generator=g).tolist()) for _ in range(count)]
 
 
-def ours(args):
-    """-> a call that runs one of our GRPO iterations."""
+def ours(args, rollout_dtype: str):
+    """-> a call that runs one of our GRPO iterations, sampling in `rollout_dtype`."""
     from palm_rlhf import PaLM
     from palm_rlhf.grpo import GRPOTrainer
     from palm_rlhf.tokenizer import ByteTokenizer
@@ -62,10 +66,11 @@ def ours(args):
         return ((seq == REWARD_BYTE) & mask & ~prompt_mask).float().sum(dim=1)
 
     torch.manual_seed(0)
-    palm = PaLM(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD, ff_mult=FF // DIM)
+    palm = PaLM(dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head, ff_mult=4)
     trainer = GRPOTrainer(palm=palm, reward_fn=count_byte, prompt_token_ids=[torch.tensor(list(p)) for p in prompt_bytes()],
                           tokenizer=NoEOS(), estimator="grpo", group_size=GROUP, prompts_per_step=PROMPTS, beta=0.0,
-                          epochs=1, minibatch_size=PROMPTS * GROUP, max_seq_len=PROMPT_LEN + NEW_TOKENS)
+                          epochs=1, minibatch_size=PROMPTS * GROUP, max_seq_len=PROMPT_LEN + NEW_TOKENS,
+                          rollout_dtype=rollout_dtype)
     return lambda: trainer.step(max_seq_len=PROMPT_LEN + NEW_TOKENS, prompts_per_step=PROMPTS, temperature=1.0)
 
 
@@ -106,8 +111,8 @@ def trl(args, iterations: int):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=258, hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=1,
-        head_dim=DIM_HEAD, intermediate_size=FF, tie_word_embeddings=True, pad_token_id=256, eos_token_id=257,
+        vocab_size=258, hidden_size=args.dim, num_hidden_layers=args.depth, num_attention_heads=args.heads, num_key_value_heads=1,
+        head_dim=args.dim_head, intermediate_size=4 * args.dim, tie_word_embeddings=True, pad_token_id=256, eos_token_id=257,
         max_position_embeddings=PROMPT_LEN + NEW_TOKENS,
     ))
     config = GRPOConfig(
@@ -138,8 +143,8 @@ def current_rss_mib() -> float:
 def measure(impl: str, args) -> dict:
     torch.set_num_threads(args.threads)
     iterations = args.warmup + args.repeats
-    if impl == "ours":
-        step = ours(args)
+    if impl in IMPLS:
+        step = ours(args, IMPLS[impl])
         baseline = current_rss_mib()
         times, clock = [], CLOCKS[args.clock]
         for _ in range(iterations):
@@ -157,13 +162,17 @@ def measure(impl: str, args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=128, help="model width (both models)")
+    parser.add_argument("--depth", type=int, default=2, help="layers")
+    parser.add_argument("--heads", type=int, default=4, help="query heads (one key/value head)")
+    parser.add_argument("--dim_head", type=int, default=32, help="width of one head")
     parser.add_argument("--repeats", type=int, default=10, help="timed iterations per figure (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="iterations run before the timed ones")
     parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per figure, taken in turns (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time (with --threads 1, on a busy machine)")
     parser.add_argument("--no_peers", action="store_true", help="time ours alone, even if TRL is installed")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*IMPLS, "trl"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -178,21 +187,21 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return
-    impls = ["ours"] + (["trl"] if not args.no_peers and importlib.util.find_spec("trl") is not None else [])
+    impls = list(IMPLS) + (["trl"] if not args.no_peers and importlib.util.find_spec("trl") is not None else [])
     print(f"GRPO iteration: {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} new tokens after {PROMPT_LEN}, "
-          f"model dim {DIM} depth {DEPTH} heads {HEADS} (one key/value head) ff {FF}, fp32, {args.threads} threads, "
+          f"model dim {args.dim} depth {args.depth} heads {args.heads} (one key/value head) ff {4 * args.dim}, {args.threads} threads, "
           f"{args.clock} time")
     rounds = {impl: [] for impl in impls}
     for _ in range(args.rounds):  # the trainers take turns, so that a slow spell lands on both
         for impl in impls:
             rounds[impl].append(run_in_subprocess(impl, argv))
-    print(f"{'impl':<8}{'s/iteration':>13}{'peak MB rise':>14}{'TRL/ours':>10}")
+    print(f"{'impl':<11}{'s/iteration':>13}{'peak MB rise':>14}{'TRL/this':>10}")
     for impl, runs in rounds.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         # paired within each round (both saw the same spell of the machine), then the median
-        ratio = "" if impl == "ours" else f"{statistics.median(r['seconds'] / o['seconds'] for o, r in zip(rounds['ours'], runs)):9.2f}x"
-        print(f"{impl:<8}{seconds:>13.4f}{max(r['peak_rise_mb'] for r in runs):>14.1f}{ratio:>10}", flush=True)
-    if len(impls) == 1:
+        ratio = "" if "trl" not in rounds else f"{statistics.median(t['seconds'] / r['seconds'] for r, t in zip(runs, rounds['trl'])):9.2f}x"
+        print(f"{impl:<11}{seconds:>13.4f}{max(r['peak_rise_mb'] for r in runs):>14.1f}{ratio:>10}", flush=True)
+    if "trl" not in rounds:
         print("TRL not installed: pip install trl to time its GRPOTrainer beside ours")
 
 

@@ -3,10 +3,12 @@
     python benchmarks/bench_palm.py                          # dim 512, depth 6, heads 8, dim_head 64
     python benchmarks/bench_palm.py --tasks generate --rounds 3
     python benchmarks/bench_palm.py --profile                # per-op time of one decoding step, ours
+    python benchmarks/bench_palm.py --tasks generate --dtype bf16 --gen_batches 8 32   # every model in bf16
 
 Training: forward + backward + AdamW step on a batch of 4 x 512 tokens. Generation: 256 new tokens
 from a 16-token prompt at batch 1, 8 and 32, sampled at temperature 1 with no top-k/top-p and no EOS,
-so that every implementation samples every token of every row.
+so that every implementation samples every token of every row. With --dtype bf16 every model's
+weights are cast to bf16 for generation, so that decoding is compared at equal precision.
 
 Peers, each timed only when installed (neither is a dependency):
 - palm-rlhf-pytorch 0.8.0 (`pip install palm-rlhf-pytorch==0.8.0`): the same PaLM, training and generation;
@@ -38,6 +40,7 @@ PEERS = {PALM_RLHF_PYTORCH: ("train", "generate"), TRANSFORMERS: ("generate",)} 
 # wall time; or the process's CPU time, which other processes' time slices do not inflate (their
 # use of the caches and memory bandwidth still does): meaningful with --threads 1
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build(impl: str, args):
@@ -110,6 +113,8 @@ def measure(impl: str, task: str, args) -> dict:
     model = build(impl, args).to(device)
     if args.compile and task == "train":
         model = torch.compile(model)
+    if task != "train":
+        model = model.to(DTYPES[args.dtype])
     tokens, step = time_train(model, args, device) if task == "train" else time_generate(
         impl, model.eval(), args, device, int(task.split("_b")[1])
     )
@@ -171,6 +176,7 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=256, help="tokens generated per sequence")
     parser.add_argument("--gen_batches", type=int, nargs="+", default=[1, 8, 32], help="generation batch sizes")
     parser.add_argument("--tasks", nargs="+", choices=["train", "generate"], default=["train", "generate"], help="what to time")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of every model's weights for generation")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per figure, taken in turns (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -203,7 +209,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} threads, {args.clock} time"
     print(f"PaLM dim={args.dim} depth={args.depth} heads={args.heads} dim_head={args.dim_head} ({device})")
     print(f"train{' (torch.compile)' if args.compile else ''}: batch {args.batch} x {args.seq_len}; "
-          f"generate: {args.new_tokens} new tokens from {args.prompt_len}, sampled at temperature 1")
+          f"generate: {args.new_tokens} new tokens from {args.prompt_len}, sampled at temperature 1, weights in {args.dtype}")
     print(f"{'task':<14}{'impl':<20}{'tokens/s':>12}{'peak MB':>10}{'ours/peer':>11}")
     for task in tasks:
         impls = ["ours"] + [peer for peer in peers if task.split("_b")[0] in PEERS[peer]]

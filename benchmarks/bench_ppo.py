@@ -9,6 +9,9 @@ Memory: one PPO iteration against one LM training step (forward, backward, AdamW
 on the same model (preset `small`) and batch of 16 x 64 tokens, above the memory of the built
 model; on CUDA torch.cuda.max_memory_allocated, on CPU the rise of peak RSS in a fresh subprocess
 per measurement (Hydra-RLHF reports LoRA-PPO below SFT).
+The iteration is timed with fp32 rollouts and with bf16 ones (rollout_dtype bf16: a bf16 copy of
+the policy samples, the learner scores in fp32), and at preset `small` as well as `tiny`, where the
+matrix products are large enough for bf16 to pay.
 If palm-rlhf-pytorch (0.8.0) is installed, its RLHFTrainer does the same work (16 rollouts, one
 learning pass in minibatches of 8) and the speed ratio is printed.
 """
@@ -45,11 +48,12 @@ class NoEOS(ByteTokenizer):
     eos_id = -1
 
 
-def ours(preset="tiny"):
+def ours(preset="tiny", rollout_dtype="fp32"):
     torch.manual_seed(0)
     palm = PaLM.from_config(PaLMConfig.from_name(preset))
     trainer = RLHFTrainer(palm=palm, reward_fn=count_byte, prompt_token_ids=prompts(), tokenizer=NoEOS(),
-                          epochs=1, minibatch_size=MINIBATCH, rollout_batch_size=BATCH, max_seq_len=SEQ_LEN)
+                          epochs=1, minibatch_size=MINIBATCH, rollout_batch_size=BATCH, max_seq_len=SEQ_LEN,
+                          rollout_dtype=rollout_dtype)
     return lambda: trainer.step(SEQ_LEN, BATCH)
 
 
@@ -114,8 +118,13 @@ def peak_memory_in_subprocess(name) -> float:
 
 def main():
     torch.set_num_threads(2)
-    ppo_time = median_time(ours)
-    print(f"PPO iteration (tiny, {BATCH} rollouts x {SEQ_LEN} tokens, 1 epoch, minibatch {MINIBATCH}): {ppo_time * 1e3:.1f} ms (median of {REPEATS})")
+    fp32_times = {}
+    for preset in ("tiny", "small"):
+        fp32, bf16 = (median_time(lambda dtype=dtype: ours(preset, dtype)) for dtype in ("fp32", "bf16"))
+        print(f"PPO iteration ({preset}, {BATCH} rollouts x {SEQ_LEN} tokens, 1 epoch, minibatch {MINIBATCH}), median of {REPEATS}: "
+              f"fp32 rollouts {fp32 * 1e3:.1f} ms, bf16 rollouts {bf16 * 1e3:.1f} ms ({fp32 / bf16:.2f}x)", flush=True)
+        fp32_times[preset] = fp32
+    ppo_time = fp32_times["tiny"]
     ppo_mem, lm_mem = peak_memory_in_subprocess("ppo"), peak_memory_in_subprocess("lm")
     where = "CUDA allocated" if torch.cuda.is_available() else "CPU peak RSS rise"
     print(f"peak memory ({where}, preset {MEMORY_PRESET}, {BATCH} x {SEQ_LEN} tokens): PPO iteration {ppo_mem:.1f} MiB, LM training step {lm_mem:.1f} MiB, "
