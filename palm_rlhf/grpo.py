@@ -417,7 +417,7 @@ class GRPOTrainer(PolicyTrainer):
         advantages = mb["advantages"] if mb["advantages"].dim() == 2 else mb["advantages"][:, None]  # (b, r) or (b, 1)
         surrogate, is_clipped = clipped_surrogate(ratio_log_probs, mb["log_probs"], advantages,
                                                   c.eps_clip, c.eps_clip_high, resp_mask)
-        if "is_weights" in mb:  # the sampler-learner correction (rollout_precision.py)
+        if mb.get("is_weights") is not None:  # the sampler-learner correction (rollout_precision.py)
             surrogate = surrogate * mb["is_weights"]
         policy_loss = aggregate_loss(surrogate, resp_mask, c.loss_aggregation, rollout.max_new_tokens, normalizers)
         # 6. diagnostics; approx KL(old || new) is the k3 estimate on the old policy's samples

@@ -289,12 +289,10 @@ class Samples:
     def response_mask(self) -> torch.Tensor:
         return self.mask[:, self.start :]
 
-    def stats(self, cap: float) -> dict:
-        """What both methods log of a rollout, this process's means (each adds its score and KL),
-        with the sampler-learner mismatch (`cap`: rollout_correction_cap)."""
+    def stats(self) -> dict:
+        """What both methods log of a rollout, this process's means (each adds its score and KL)."""
         return dict(response_length=self.response_mask.sum(dim=1).float().mean(), ended_with_eos=self.ended.float().mean(),
-                    entropy=masked_mean(self.entropy, self.response_mask),
-                    **mismatch_stats(self.log_probs, self.sampler_log_probs, self.response_mask, cap))
+                    entropy=masked_mean(self.entropy, self.response_mask))
 
 
 class Normalizers(NamedTuple):
@@ -416,15 +414,16 @@ class PolicyTrainer:
         `with_log_probs`, also the sampler's log-probs of the response tokens (b * G, n - start)."""
         model, scope = self.sampler()
         prompt, prompt_mask = (t.to(self.device) for t in pad(prompts, self.palm.pad_id, side="left"))
-        tokens, log_probs = model.generate(prompt.shape[1] + max_new_tokens, prompt=prompt, prompt_mask=prompt_mask,
-                                           temperature=temperature, eos_token=self.eos_id, finetune_scope=scope,
-                                           num_samples_per_prompt=group_size, return_log_probs=True, **sampling)
+        sampled = model.generate(prompt.shape[1] + max_new_tokens, prompt=prompt, prompt_mask=prompt_mask, temperature=temperature,
+                                 eos_token=self.eos_id, finetune_scope=scope, num_samples_per_prompt=group_size,
+                                 return_log_probs=with_log_probs, **sampling)
+        tokens = sampled[0] if with_log_probs else sampled
         prompt, prompt_mask = prompt.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
         responses_mask = response_mask(tokens, self.eos_id)
         length = int(responses_mask.sum(dim=1).max())  # drop columns that are padding in every row
         seq = torch.cat((prompt, tokens[:, :length]), dim=1)
         mask = torch.cat((prompt_mask, responses_mask[:, :length]), dim=1)
-        return (seq, mask, prompt.shape[1]) + ((log_probs[:, :length],) if with_log_probs else ())
+        return (seq, mask, prompt.shape[1]) + ((sampled[1][:, :length],) if with_log_probs else ())
 
     @torch.no_grad()
     def sample_and_score(self, prompts: list[torch.Tensor], max_seq_len: int, temperature: float, generator,
@@ -466,9 +465,10 @@ class PolicyTrainer:
                        is_weights=is_weights)
 
     def rollout_stats(self, samples: "Samples") -> dict:
-        """The samples' diagnostics and, with a bf16 sampler, what its copy costs: sampler_memory_mb,
-        sampler_refresh_ms (its last refresh)."""
-        stats = samples.stats(self.config.rollout_correction_cap)
+        """The samples' diagnostics, the sampler-learner mismatch (rollout_precision.mismatch_stats) and,
+        with a bf16 sampler, what its copy costs: sampler_memory_mb, sampler_refresh_ms (its last refresh)."""
+        stats = samples.stats() | mismatch_stats(samples.log_probs, samples.sampler_log_probs, samples.response_mask,
+                                                 self.config.rollout_correction_cap)
         if self.rollout_copy is not None:
             stats.update(sampler_memory_mb=self.rollout_copy.memory_bytes / 2**20,
                          sampler_refresh_ms=1000 * self.rollout_copy.refresh_seconds)

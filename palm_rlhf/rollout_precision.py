@@ -97,7 +97,7 @@ def mismatch_stats(log_probs: torch.Tensor, sampler_log_probs: torch.Tensor, mas
     sampler_kl (k3 estimate of KL(pi_sampler || pi_old) from the sampler's tokens: rho - 1 - log rho)
     and sampler_past_cap (share of tokens with rho > cap)."""
     log_rho = log_ratio_to_sampler(log_probs, sampler_log_probs, mask)
-    count = mask.sum().clamp(min=1)
+    rho, count = log_rho.exp(), mask.sum().clamp(min=1)
     return dict(sampler_abs_log_ratio=log_rho.abs().sum() / count,
-                sampler_kl=((log_rho.exp() - 1 - log_rho) * mask).sum() / count,
-                sampler_past_cap=((log_rho.exp() > cap) & mask).sum() / count)
+                sampler_kl=((rho - 1 - log_rho) * mask).sum() / count,
+                sampler_past_cap=((rho > cap) & mask).sum() / count)
