@@ -21,6 +21,10 @@ clustered by prompt:
   estimate from each prompt's pool of picker scores, sum over score levels of P_N log(P_N / P) with
   P_N = F^N - F_<^N (Beirami et al. 2024), beside the bound log N - (N - 1) / N (Stiennon et al.
   2020, appendix G.3) that it reaches only when no two samples score alike (VADER scores many at 0);
+- gold: with --gold_checkpoint, the gold reward model's score (Gao et al. 2022), the stand-in for the
+  people who answer in train_rounds.py, which no policy optimised directly;
+- fragment share: the share of responses holding a word that no human snippet holds and that recurs
+  in at least 0.5 % of the set's responses (palm_rlhf/rounds.py), the mark of a learned quirk;
 - fluency: the LM's bits per byte on the responses at the sampling temperature; diversity:
   distinct-2 (unique word bigrams over all bigrams) of one response per prompt, averaged over the
   draws, so that every row counts it over the same number of texts; the share of responses that
@@ -36,6 +40,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +52,10 @@ from palm_rlhf.config import check_settings, parse_config, setting
 from palm_rlhf.data import review_prompts, stable_bucket, vader_compound
 from palm_rlhf.dpo import pack_sequences, sequence_log_probs
 from palm_rlhf.reward import RewardModel
+from palm_rlhf.rounds import fragments, human_vocabulary, words
 from palm_rlhf.training import load_lm, set_seed
 
-METRICS = ("vader", "win_rate", "rm_score", "kl", "kl_bound", "bits_per_byte", "distinct_2", "eos_rate", "length")
+METRICS = ("vader", "win_rate", "rm_score", "gold", "fragment_share", "kl", "kl_bound", "bits_per_byte", "distinct_2", "eos_rate", "length")
 
 
 @dataclass
@@ -59,6 +65,7 @@ class EvaluateConfig:
     policies: str = setting("", "comma-separated name=checkpoint (PaLM.from_pretrained folders); name method@label groups a curve")
     lm_checkpoint: str = setting("runs/lm/final", "the LM: reference of the KL, fluency and win rate")
     reward_checkpoint: str = setting("runs/reward/final", "the reward model that scores responses and picks best-of-N")
+    gold_checkpoint: str = setting("", "a gold reward model (Gao et al. 2022; see palm_rlhf/crowd.py) scored beside VADER; empty: none")
     num_prompts: int = setting(256, "held-out prompts: the last ones of the prompts split", at_least=2)
     samples: int = setting(4, "responses per prompt and policy", at_least=1)
     best_of: str = setting("1,2,4,8,16,32,64", "N of best-of-N from the LM's samples (empty: none)")
@@ -217,7 +224,7 @@ def summarize(name: str, per_response: dict) -> dict:
 
 
 def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: RewardModel, cfg,
-            baseline_vader: np.ndarray | None = None, policy: PaLM | None = None) -> dict:
+            baseline_vader: np.ndarray | None = None, policy: PaLM | None = None, gold: RewardModel | None = None) -> dict:
     """Per-response metrics (P, k) of `tails` (prompt-major, k per prompt); the win rate needs the
     baseline's VADER (P, k), the KL the policy that sampled `tails`."""
     shape = (len(heads), num_samples)
@@ -233,13 +240,27 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
         bits_per_byte=(-lm_log_probs / num_bytes / math.log(2)).reshape(shape),
         eos_rate=ended.reshape(shape),
         length=text_bytes.reshape(shape),
+        fragment_share=holds_fragment(texts).reshape(shape),
     )
+    if gold is not None:
+        per_response["gold"] = reward_scores(gold, repeated_heads, tails, cfg.batch_size).reshape(shape)
     if baseline_vader is not None:
         per_response["win_rate"] = win_rate(per_response["vader"], baseline_vader)
     if policy is not None:
         per_response["kl"] = (response_log_probs(policy, repeated_heads, tails, cfg) - lm_log_probs).reshape(shape)
     per_response["distinct_2"] = np.full(shape, distinct_n_per_draw(np.array(texts, dtype=object).reshape(shape)))
     return per_response
+
+
+@lru_cache(maxsize=1)
+def vocabulary() -> frozenset:
+    return frozenset(human_vocabulary())
+
+
+def holds_fragment(texts: list) -> np.ndarray:
+    """1.0 for each response holding a fragment of its set (rounds.fragments), else 0."""
+    found = set(fragments(texts, vocabulary()))
+    return np.array([float(bool(found & set(words(text)))) for text in texts])
 
 
 def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray, tokenizer) -> list:
@@ -280,13 +301,16 @@ def csv_cell(value) -> str:
 
 
 def print_table(rows: list) -> None:
-    print(f"\n| {'policy':22} | {'VADER':>15} | {'win vs LM':>13} | {'RM score':>15} | {'KL nats':>12} | {'KL bound':>8} | {'bits/byte':>9} | {'distinct-2':>10} | {'EOS':>5} | {'length':>6} |")
-    print("|" + "|".join("-" * w for w in (24, 17, 15, 17, 14, 10, 11, 12, 7, 8)) + "|")
+    with_gold = all("gold" in r for r in rows)
+    gold_head, gold_rule = (f" {'gold score':>15} |", "-" * 17 + "|") if with_gold else ("", "")
+    print(f"\n| {'policy':22} | {'VADER':>15} | {'win vs LM':>13} | {'RM score':>15} |{gold_head} {'fragment':>8} | {'KL nats':>12} | {'KL bound':>8} | {'bits/byte':>9} | {'distinct-2':>10} | {'EOS':>5} | {'length':>6} |")
+    print("|" + "|".join("-" * w for w in (24, 17, 15, 17)) + "|" + gold_rule + "|".join("-" * w for w in (10, 14, 10, 11, 12, 7, 8)) + "|")
     for r in rows:
         bound = f"{r['kl_bound']:8.2f}" if "kl_bound" in r else " " * 8
+        gold = f" {r['gold']:+.3f} +- {r['gold_se']:.3f} |" if with_gold else ""
         print(f"| {r['name']:22} | {r['vader']:+.3f} +- {r['vader_se']:.3f} | {r['win_rate']:.3f} +- {r['win_rate_se']:.3f} "
-              f"| {r['rm_score']:+.3f} +- {r['rm_score_se']:.3f} | {r['kl']:6.2f} +- {r['kl_se']:.2f} | {bound} | {r['bits_per_byte']:9.3f} "
-              f"| {r['distinct_2']:10.3f} | {r['eos_rate']:5.2f} | {r['length']:6.1f} |")
+              f"| {r['rm_score']:+.3f} +- {r['rm_score_se']:.3f} |{gold} {100 * r['fragment_share']:7.2f}% | {r['kl']:6.2f} +- {r['kl_se']:.2f} "
+              f"| {bound} | {r['bits_per_byte']:9.3f} | {r['distinct_2']:10.3f} | {r['eos_rate']:5.2f} | {r['length']:6.1f} |")
 
 
 def plot(rows: list, path: Path) -> None:
@@ -295,9 +319,11 @@ def plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = [("vader", "VADER compound (the judge)"), ("rm_score", "reward-model score (optimised)")]
+    panels += [("gold", "gold reward model (the simulated people)")] if all("gold" in r for r in rows) else []
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for axis, key, title in ((axes[0], "vader", "VADER compound (the judge)"), (axes[1], "rm_score", "reward-model score (optimised)")):
+    for axis, (key, title) in zip(axes, panels):
         for method in methods:
             points = sorted((r["kl"], r[key], r[f"{key}_se"], r["name"]) for r in rows if r["method"] == method)
             kls, values, errors, names = zip(*points)
@@ -331,7 +357,9 @@ def training_command(path) -> str:
 def evaluate(cfg: EvaluateConfig) -> list:
     policies = parse_policies(cfg.policies)
     best_of = sorted({int(n) for n in cfg.best_of.split(",") if n.strip()})
-    for name, path in [("lm_checkpoint", cfg.lm_checkpoint), ("reward_checkpoint", cfg.reward_checkpoint)] + [(n, p) for n, _, p in policies]:
+    checkpoints = [("lm_checkpoint", cfg.lm_checkpoint), ("reward_checkpoint", cfg.reward_checkpoint)]
+    checkpoints += [("gold_checkpoint", cfg.gold_checkpoint)] if cfg.gold_checkpoint else []
+    for name, path in checkpoints + [(n, p) for n, _, p in policies]:
         if not Path(path).is_dir():
             raise SystemExit(f"{name}: no checkpoint folder at {path}")
     if any(n < 1 for n in best_of):
@@ -349,6 +377,7 @@ def evaluate(cfg: EvaluateConfig) -> list:
         raise SystemExit(f"--max_seq_len {cfg.max_seq_len} leaves no room for a response after the longest training prompt")
     heads = heads[-cfg.num_prompts :]
     reward_model = RewardModel.from_pretrained(cfg.reward_checkpoint).eval()
+    gold = RewardModel.from_pretrained(cfg.gold_checkpoint).eval() if cfg.gold_checkpoint else None
 
     def sample(palm, name, num_samples):
         return sample_responses(palm, heads, num_samples, budget, cfg, sampling_seed(cfg.seed, name))
@@ -358,8 +387,8 @@ def evaluate(cfg: EvaluateConfig) -> list:
     lm_tails = sample(lm, "LM", cfg.samples)
     pool_k = max([2 * cfg.samples, *best_of])
     pool_tails = sample(lm, "best-of-N pool", pool_k)
-    pool = measure(heads, pool_tails, pool_k, lm, reward_model, cfg)
-    lm_metrics = measure(heads, lm_tails, cfg.samples, lm, reward_model, cfg, baseline_vader=pool["vader"][:, : cfg.samples])
+    pool = measure(heads, pool_tails, pool_k, lm, reward_model, cfg, gold=gold)
+    lm_metrics = measure(heads, lm_tails, cfg.samples, lm, reward_model, cfg, baseline_vader=pool["vader"][:, : cfg.samples], gold=gold)
     lm_metrics["kl"] = np.zeros_like(lm_metrics["vader"])
     lm_vader = lm_metrics["vader"]
     rows = [dict(summarize("LM", lm_metrics), method="LM", command=training_command(cfg.lm_checkpoint))]
@@ -367,7 +396,7 @@ def evaluate(cfg: EvaluateConfig) -> list:
     for name, method, path in policies:
         policy = PaLM.from_pretrained(path).eval()
         tails = sample(policy, name, cfg.samples)
-        per_response = measure(heads, tails, cfg.samples, lm, reward_model, cfg, baseline_vader=lm_vader, policy=policy)
+        per_response = measure(heads, tails, cfg.samples, lm, reward_model, cfg, baseline_vader=lm_vader, policy=policy, gold=gold)
         rows.append(dict(summarize(name, per_response), method=method, command=training_command(path)))
         print(f"{name}: VADER {rows[-1]['vader']:+.3f}, KL {rows[-1]['kl']:.2f}; e.g. {texts[-cfg.num_prompts] + response_texts(tails[:1], tokenizer)[0]!r}")
 

@@ -23,6 +23,7 @@ import torch
 
 from palm_rlhf.config import SettingError, parse_config, setting
 from palm_rlhf.data import (
+    RATED_SETS,
     RatedText,
     bin_rating,
     load_rated_snippets,
@@ -45,7 +46,6 @@ from palm_rlhf.training import Run, RunConfig, load_lm, lr_lambda_warmup_cosine,
 
 PLOT = [["train_loss", "test_loss"], ["test_pairwise_acc", "vader_pairwise_acc"], ["test_pearson_r"],
         ["test_binned_acc", "majority_binned_acc"], ["test_mae", "majority_mae"], ["lr"]]
-VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class TrainRewardConfig(RunConfig, RewardConfig):
 
     lm_checkpoint: str = setting("runs/lm/final", "train_lm.py's final folder, or 'none' for a fresh PaLM of --preset")
     preset: str = setting("small", "model size when --lm_checkpoint is none", choices=tuple(PRESETS))
-    data: str = setting("movieReviewSnippets", f"VADER rated sets joined by + ({', '.join(VADER_SETS)}; held-out metrics on the first) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}")
+    data: str = setting("movieReviewSnippets", f"VADER rated sets joined by + ({', '.join(RATED_SETS)}; held-out metrics on the first) or a .jsonl of {{prompt, response, rating}} or {{prompt, chosen, rejected}}")
+    pairs: str = setting("", "a .jsonl of {prompt, chosen, rejected} (the feedback app's export) trained on in full beside --data's rated texts, a batch of each per step")
     prompt_words: int = setting(4, "words of a plain snippet used as its prompt (as review_prompts)", at_least=1)
     pair_margin: float = setting(1.0, "least difference of ratings for a derived preference pair", above=0)
     loss_margin: float = setting(0.0, "margin inside the Bradley-Terry loss (Llama 2)", at_least=0)
@@ -129,17 +130,28 @@ def jsonl_data(cfg) -> dict:
     raise SystemExit(f"{path}: expected JSONL lines with prompt, response, rating or prompt, chosen, rejected")
 
 
+def collected_pairs(cfg) -> list:
+    """Every pair of --pairs, none held out: each answer people gave is trained on."""
+    if cfg.mode != "pairwise":
+        raise SystemExit("--pairs holds preference pairs: it needs --mode pairwise")
+    if not Path(cfg.pairs).is_file():
+        raise SystemExit(f"--pairs {cfg.pairs}: no such file")
+    return [dict(chosen=(p["prompt"], p["chosen"]), rejected=(p["prompt"], p["rejected"])) for p in read_pairs(cfg.pairs)]
+
+
 def load_data(cfg) -> dict:
     if cfg.corrupt_prob and cfg.mode != "pairwise":
         raise SystemExit("--corrupt_prob ranks corrupted copies below their originals: it needs --mode pairwise")
-    if all(name in VADER_SETS for name in cfg.data.split("+")):
+    if all(name in RATED_SETS for name in cfg.data.split("+")):
         data = vader_set_data(cfg)
     elif cfg.data.endswith(".jsonl") and Path(cfg.data).is_file():
         data = jsonl_data(cfg)
     else:
-        raise SystemExit(f"--data {cfg.data!r}: expected one of {', '.join(VADER_SETS)} or an existing .jsonl file")
+        raise SystemExit(f"--data {cfg.data!r}: expected one of {', '.join(RATED_SETS)} or an existing .jsonl file")
     if not (data["train_ratings"] or (cfg.mode == "pairwise" and data["train_pairs"])):
         raise SystemExit(f"--data {cfg.data}: no training {'ratings' if cfg.mode == 'binned' else 'ratings or pairs'} for --mode {cfg.mode}")
+    if cfg.pairs:
+        data["train_pairs"] = data["train_pairs"] + collected_pairs(cfg)
     if cfg.max_test is not None:  # evenly spaced, since the files are ordered by rating
         for key in ("test_ratings", "test_pairs"):
             data[key] = data[key][:: max(1, len(data[key]) // cfg.max_test)][: cfg.max_test]
@@ -258,21 +270,27 @@ def training_loss(model, palm, data, cfg, step, rank, device) -> torch.Tensor:
         seq, prompt_mask, mask = collate(sides, palm, cfg.max_len, device, ended)
         labels = torch.tensor([r["stars"] - 1 for r in batch], device=device)  # class indices 0..K-1
         return model(seq, mask=mask, prompt_mask=prompt_mask, labels=labels)
+    # one forward pass over every text of the step (rated texts, corrupted copies, given pairs), so DDP sees a single call
+    sides, ended, rated, corrupted = [], [], [], []
     if data["train_ratings"]:  # every pair of the batch's rated texts at least --pair_margin apart
-        batch = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
-        sides, ended, corrupted = augmented_sides(batch, cfg, rng)
-        seq, prompt_mask, mask = collate(sides + corrupted, palm, cfg.max_len, device, ended + ended[: len(corrupted)])
-        ratings = torch.tensor([float(r["mean"]) for r in batch], device=device)
-        rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
-        loss = all_pairs_bradley_terry_loss(rewards[: len(batch)], ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
-        if corrupted:  # each original above its corrupted copy
-            loss = loss + bradley_terry_loss(rewards[: len(corrupted)], rewards[len(batch):], margin=cfg.loss_margin)
-        return loss
-    batch = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank)
-    # chosen and rejected in one forward pass, so DDP sees a single call
-    seq, prompt_mask, mask = collate([p["chosen"] for p in batch] + [p["rejected"] for p in batch], palm, cfg.max_len, device)
+        rated = sample_batch(data["train_ratings"], cfg.batch_size, step, cfg.seed, rank)
+        sides, ended, corrupted = augmented_sides(rated, cfg, rng)
+        sides, ended = sides + corrupted, ended + ended[: len(corrupted)]
+    pairs = sample_batch(data["train_pairs"], cfg.batch_size, step, cfg.seed, rank) if data["train_pairs"] else []
+    sides = sides + [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    seq, prompt_mask, mask = collate(sides, palm, cfg.max_len, device, ended + [True] * 2 * len(pairs))
     rewards = model(seq, mask=mask, prompt_mask=prompt_mask)
-    return bradley_terry_loss(*rewards.chunk(2), margin=cfg.loss_margin)
+    loss = 0.0
+    if rated:
+        ratings = torch.tensor([float(r["mean"]) for r in rated], device=device)
+        loss = all_pairs_bradley_terry_loss(rewards[: len(rated)], ratings, min_gap=cfg.pair_margin, margin=cfg.loss_margin)
+    if corrupted:  # each original above its corrupted copy
+        originals, copies = rewards[: len(corrupted)], rewards[len(rated) : len(rated) + len(corrupted)]
+        loss = loss + bradley_terry_loss(originals, copies, margin=cfg.loss_margin)
+    if pairs:
+        chosen, rejected = rewards[len(rated) + len(corrupted) :].chunk(2)
+        loss = loss + bradley_terry_loss(chosen, rejected, margin=cfg.loss_margin)
+    return loss
 
 
 def train(cfg: TrainRewardConfig) -> dict:

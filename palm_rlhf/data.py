@@ -187,6 +187,9 @@ def _reviews() -> dict:
 # human ratings (VADER, Hutto & Gilbert 2014)
 
 
+RATED_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
+
+
 class RatedText(NamedTuple):
     id: str
     mean: float  # mean of ~20 human ratings on -4 (very negative) .. +4 (very positive)

@@ -138,9 +138,12 @@ def test_frontier_on_two_tiny_policies(checkpoints, tmp_path, monkeypatch):
     cfg = evaluate.EvaluateConfig(
         policies=f"same={checkpoints / 'lm'},other={checkpoints / 'other'}", lm_checkpoint=str(checkpoints / "lm"),
         reward_checkpoint=str(checkpoints / "reward"), num_prompts=6, samples=2, best_of="1,2,4", max_seq_len=80,
-        out_dir=str(tmp_path), batch_size=16,
+        out_dir=str(tmp_path), batch_size=16, gold_checkpoint=str(checkpoints / "reward"),
     )
     rows = {row["name"]: row for row in evaluate.evaluate(cfg)}
+    # the reward model as its own gold: the gold column is scored exactly as the reward model's
+    assert all(row["gold"] == pytest.approx(row["rm_score"]) for row in rows.values())
+    assert all(0 <= row["fragment_share"] <= 1 for row in rows.values())
     assert set(rows) == {"LM", "same", "other"} | {f"best-of-{n} ({p})" for n in (1, 2, 4) for p in ("rm", "vader")}
     # the LM evaluated as a policy: KL exactly 0; its own samples, so its win rate is 0.5 up to noise
     assert rows["same"]["kl"] == 0 and rows["same"]["vader"] != rows["LM"]["vader"]

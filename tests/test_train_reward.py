@@ -130,3 +130,28 @@ def test_jsonl_data_in_either_format(tmp_path, kind):
         out = run_script(*TINY, "--lm_checkpoint", "none", "--data", str(tmp_path / "data.jsonl"), "--mode", "binned",
                          "--out_dir", str(run))
         assert out.returncode != 0 and "binned mode needs ratings" in out.stderr
+
+
+def test_collected_pairs_add_their_bradley_terry_loss_to_the_rated_texts(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_reward_script", ROOT / "train_reward.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [dict(prompt="The movie is", chosen=" a triumph.", rejected=" a bore."),
+                        dict(prompt="It was", chosen=" lovely.", rejected=" awful, awful.")])
+    both = script.TrainRewardConfig(pairs=str(pairs), batch_size=4)
+    data = script.load_data(both)
+    assert len(data["train_pairs"]) == 2 and data["train_ratings"]  # every collected pair trained on, none held out
+    torch.manual_seed(0)
+    model = RewardModel.from_config(PaLM.from_config(PaLMConfig.from_name("tiny")), finetune_last_n_layers=1, dropout=0.0)
+    loss = script.training_loss(model, model.palm, data, both, step=3, rank=0, device="cpu")
+    ratings_only = script.training_loss(model, model.palm, dict(data, train_pairs=[]), both, step=3, rank=0, device="cpu")
+    drawn = script.sample_batch(data["train_pairs"], 4, 3, both.seed, 0)  # the step's pairs, drawn as the loop draws
+    chosen = scores(model, [p["chosen"] for p in drawn])
+    rejected = scores(model, [p["rejected"] for p in drawn])
+    by_hand = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    assert loss.item() == pytest.approx(ratings_only.item() + by_hand.item(), rel=1e-5)
+    with pytest.raises(SystemExit, match="needs --mode pairwise"):
+        script.load_data(script.TrainRewardConfig(pairs=str(pairs), mode="binned"))
+    with pytest.raises(SystemExit, match="no such file"):
+        script.load_data(script.TrainRewardConfig(pairs=str(tmp_path / "none.jsonl")))

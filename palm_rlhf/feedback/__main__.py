@@ -1,7 +1,7 @@
 """Command line: python -m palm_rlhf.feedback (or palm-rlhf-feedback) COMMAND.
 
   serve     migrate, optionally import or start background sampling, then serve on a threaded server
-  import    add responses from a JSONL file
+  import    add responses, or pairs to compare, from a JSONL file
   generate  sample responses from a checkpoint in the foreground
   adduser   create a rater (--staff: sees stats and exports; --superuser: also every admin permission)
   invite    print a one-use sign-up link
@@ -91,10 +91,10 @@ def parse_args(argv):
                                         "(or PALM_RLHF_FEEDBACK_ORIGIN)")
     serve.add_argument("--behind-proxy", action="store_true",
                        help="a reverse proxy in front sets X-Forwarded-Proto/-For (or PALM_RLHF_FEEDBACK_PROXY=1)")
-    serve.add_argument("--import", dest="import_file", help="JSONL responses to import before serving")
+    serve.add_argument("--import", dest="import_file", help="JSONL responses or pairs to import before serving")
     add_item_options(serve, sampling=True)
 
-    imports = commands.add_parser("import", help="add responses from JSONL")
+    imports = commands.add_parser("import", help="add responses or pairs from JSONL")
     imports.add_argument("file")
     add_item_options(imports, sampling=False)
 

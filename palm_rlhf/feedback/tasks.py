@@ -1,10 +1,12 @@
 """Where items come from: responses imported from JSONL, or sampled from a checkpoint in the background.
 
 Every response becomes a rating item, and every pair of responses to the same prompt becomes a
-comparison item. A response is stored once per prompt and text (its content key), so importing a
-file again adds nothing and no comparison pits a response against its own copy. Generation is
-resumable: a prompt that already has its samples from a checkpoint is skipped, so restarting
-`serve` with the same arguments carries on where it stopped.
+comparison item. A file of pairs instead ({"prompt", "pair": [a, b]} lines: the pairs a chooser
+picked, as iterated RLHF publishes them) makes one comparison item per pair and nothing else. A
+response is stored once per prompt and text (its content key), so importing a file again adds
+nothing and no comparison pits a response against its own copy. Generation is resumable: a prompt
+that already has its samples from a checkpoint is skipped, so restarting `serve` with the same
+arguments carries on where it stopped.
 """
 import itertools
 import json
@@ -43,35 +45,83 @@ def read_prompts(path) -> list[str]:
             for number, line in numbered_lines(path)]
 
 
-def read_responses(path) -> dict[str, list[str]]:
-    """Responses grouped by prompt, from lines {"prompt", "response"} or {"prompt", "responses": [...]};
-    every line is checked before any is used, so a bad one stops the whole file."""
-    grouped: dict[str, list[str]] = {}
+SHAPES = ("response", "responses", "pair")
+LINE_KINDS = {False: "'response'/'responses'", True: "'pair'"}
+
+
+def response_line(where: str, record: dict) -> list[str]:
+    """The texts of a line {"prompt", "response": str} or {"prompt", "responses": [str, ...]}."""
+    if "response" in record:
+        return [checked_text(where, "'response'", record["response"])]
+    if isinstance(record["responses"], list) and record["responses"]:
+        return [checked_text(where, f"'responses'[{i}]", text) for i, text in enumerate(record["responses"])]
+    # a string here was taken for a list of its characters
+    raise BadFile(f"{where}: 'responses' must be a non-empty list of strings, "
+                  f"not {json.dumps(record['responses'])[:40]}")
+
+
+def pair_line(where: str, record: dict) -> tuple[str, str]:
+    """The two texts of a line {"prompt", "pair": [a, b]}: two different responses to compare."""
+    pair = record["pair"]
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise BadFile(f"{where}: 'pair' must be a list of two strings, not {json.dumps(pair)[:40]}")
+    a, b = (checked_text(where, f"'pair'[{i}]", text) for i, text in enumerate(pair))
+    if a == b:  # one stored response: there would be nothing to compare
+        raise BadFile(f"{where}: 'pair' holds the same response twice")
+    return a, b
+
+
+@dataclass
+class ToImport:
+    responses: dict[str, list[str]]  # prompt -> texts: each rated, and paired with the prompt's others
+    pairs: list[tuple[str, str, str]]  # (prompt, a, b): one comparison each, and nothing else
+
+
+def read_import(path) -> ToImport:
+    """Responses grouped by prompt, or pairs, from a JSONL file; every line is checked before any is
+    used, so a bad one stops the whole file."""
+    found = ToImport({}, [])
+    first = None  # (line number, whether it gave a pair): the kind of line the file holds
     for number, record in json_objects(path):
         where = f"{path}:{number}"
-        if ("response" in record) == ("responses" in record):
-            raise BadFile(f"{where}: give 'response' (a string) or 'responses' (a list of strings), one of them")
+        if sum(key in record for key in SHAPES) != 1:
+            raise BadFile(f"{where}: give 'response' (a string), 'responses' (a list of strings) or 'pair' "
+                          "(a list of two), one of them")
+        is_pair = "pair" in record
+        first = first or (number, is_pair)
+        # Responses of a prompt are paired with every response stored for it, so a response line
+        # beside pair lines would add comparisons the chooser did not pick, depending on line order.
+        if is_pair != first[1]:
+            raise BadFile(f"{where}: a {LINE_KINDS[is_pair]} line in a file of {LINE_KINDS[first[1]]} lines "
+                          f"(line {first[0]}): import pairs and responses from separate files")
         prompt = checked_text(where, "'prompt'", record.get("prompt"))
-        if "response" in record:
-            texts = [checked_text(where, "'response'", record["response"])]
-        elif isinstance(record["responses"], list) and record["responses"]:
-            texts = [checked_text(where, f"'responses'[{i}]", text) for i, text in enumerate(record["responses"])]
-        else:  # a string here was taken for a list of its characters
-            raise BadFile(f"{where}: 'responses' must be a non-empty list of strings, "
-                          f"not {json.dumps(record['responses'])[:40]}")
-        grouped.setdefault(prompt, []).extend(texts)
-    return grouped
+        if is_pair:
+            found.pairs.append((prompt, *pair_line(where, record)))
+        else:
+            found.responses.setdefault(prompt, []).extend(response_line(where, record))
+    # a pair given twice, in either order, is one pair
+    found.pairs = list({(p, frozenset((a, b))): (p, a, b) for p, a, b in found.pairs}.values())
+    return found
+
+
+def stored_prompt(text: str) -> Prompt:
+    return Prompt.objects.filter(text=text).first() or Prompt.objects.create(text=text)
+
+
+def stored_response(prompt: Prompt, text: str, source: str) -> tuple[Response, bool]:
+    """The response with this prompt and text, made now if new; and whether it was."""
+    return Response.objects.get_or_create(key=content_key(prompt.text, text),
+                                          defaults={"prompt": prompt, "text": text, "source": source})
 
 
 @transaction.atomic
 def add_responses(prompt_text: str, texts: list[str], source: str, num_bins: int = 5, overlap: int = 1) -> int:
     """Store the responses not stored already and make their items; returns how many items were made."""
-    prompt = Prompt.objects.filter(text=prompt_text).first() or Prompt.objects.create(text=prompt_text)
+    prompt = stored_prompt(prompt_text)
     old = list(prompt.responses.all())
     new = []
     for text in dict.fromkeys(texts):  # a text given twice is one response
-        response, made = Response.objects.get_or_create(
-            key=content_key(prompt_text, text), defaults={"prompt": prompt, "text": text, "source": source})
+        response, made = stored_response(prompt, text, source)
         if made:
             new.append(response)
     items = [Item(kind=Item.RATE, prompt=prompt, first=r, num_bins=num_bins, overlap=overlap) for r in new]
@@ -84,6 +134,30 @@ def add_responses(prompt_text: str, texts: list[str], source: str, num_bins: int
         items.append(Item(kind=Item.COMPARE, prompt=prompt, first=a, second=b, num_bins=num_bins, overlap=overlap))
     Item.objects.bulk_create(items)
     return len(items)
+
+
+def pair_items(prompt_text: str, a: str, b: str):
+    """The comparison items of these two responses, on either side."""
+    ka, kb = content_key(prompt_text, a), content_key(prompt_text, b)
+    either_way = Q(first__key=ka, second__key=kb) | Q(first__key=kb, second__key=ka)
+    return Item.objects.filter(either_way, kind=Item.COMPARE)
+
+
+@transaction.atomic
+def add_pair(prompt_text: str, a: str, b: str, source: str, overlap: int = 1) -> int:
+    """Store both responses if new and make one comparison of them, unless one is stored already
+    (either way round); no rating item, and no pair with the prompt's other responses. Returns how
+    many items were made: 1 or 0."""
+    if a == b:
+        raise ValueError("a pair needs two different responses")
+    prompt = stored_prompt(prompt_text)
+    first, second = (stored_response(prompt, text, source)[0] for text in (a, b))
+    if pair_items(prompt_text, a, b).exists():
+        return 0
+    if random.random() < 0.5:  # random sides, as in add_responses: the chooser's order is no signal to show
+        first, second = second, first
+    Item.objects.create(kind=Item.COMPARE, prompt=prompt, first=first, second=second, overlap=overlap)
+    return 1
 
 
 def other_options(num_bins: int, overlap: int) -> Q:
@@ -106,11 +180,13 @@ class Imported:
 
 def import_jsonl(path, num_bins: int = 5, overlap: int = 1) -> Imported:
     """Import a whole file or, when any line is bad or the database fails, nothing of it."""
-    grouped = read_responses(path)
+    found = read_import(path)
     with transaction.atomic():
-        kept = sum(kept_items(prompt, texts, num_bins, overlap) for prompt, texts in grouped.items())
+        kept = sum(kept_items(prompt, texts, num_bins, overlap) for prompt, texts in found.responses.items())
+        kept += sum(pair_items(*pair).filter(other_options(num_bins, overlap)).count() for pair in found.pairs)
         made = sum(add_responses(prompt, texts, source=str(path), num_bins=num_bins, overlap=overlap)
-                   for prompt, texts in grouped.items())
+                   for prompt, texts in found.responses.items())
+        made += sum(add_pair(*pair, source=str(path), overlap=overlap) for pair in found.pairs)
     return Imported(made, kept)
 
 

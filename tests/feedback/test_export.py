@@ -19,7 +19,7 @@ from palm_rlhf.feedback.export import (  # noqa: E402
     BadFile, pair_records, rating_records, read_pairs, read_ratings, write_jsonl)
 from palm_rlhf.feedback.models import GenerationJob, Item, Prompt, Response  # noqa: E402
 from palm_rlhf.feedback.tasks import (  # noqa: E402
-    Imported, add_responses, import_jsonl, rating_scales, read_prompts, read_responses, start_generation)
+    Imported, add_pair, add_responses, import_jsonl, rating_scales, read_import, read_prompts, start_generation)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
@@ -118,12 +118,12 @@ def test_import_jsonl_both_shapes(tmp_path):
         + json.dumps({"prompt": "p", "responses": ["two", "three"]}) + "\n"
         + json.dumps({"prompt": "q", "response": "ü"}) + "\n", encoding="utf-8"
     )
-    assert read_responses(path) == {"p": ["one", "two", "three"], "q": ["ü"]}
+    assert read_import(path).responses == {"p": ["one", "two", "three"], "q": ["ü"]}
     assert import_jsonl(path, num_bins=3, overlap=2).made == (3 + 3) + 1  # p: 3 ratings + 3 pairs; q: 1 rating
     assert list(rating_records()) == []  # nothing answered yet, nothing exported
     path.write_text(json.dumps({"prompt": "p", "response": 3}) + "\n")
     with pytest.raises(ValueError, match="in.jsonl:1"):
-        read_responses(path)
+        read_import(path)
 
 
 GOOD_LINE = b'{"prompt": "first", "responses": ["one", "two"]}\n'
@@ -133,8 +133,8 @@ GOOD_LINE = b'{"prompt": "first", "responses": ["one", "two"]}\n'
     (b'{"prompt": "p", "responses": "abc"}', "'responses' must be a non-empty list of strings, not \"abc\""),
     (b'{"prompt": "p", "responses": []}', "'responses' must be a non-empty list of strings, not []"),
     (b'{"prompt": "p", "responses": ["ok", 1]}', "'responses'[1] must be a string, not 1"),
-    (b'{"prompt": "p", "response": "r", "responses": ["s"]}', "give 'response' (a string) or 'responses'"),
-    (b'{"prompt": "p"}', "give 'response' (a string) or 'responses'"),
+    (b'{"prompt": "p", "response": "r", "responses": ["s"]}', "give 'response' (a string), 'responses'"),
+    (b'{"prompt": "p"}', "give 'response' (a string), 'responses' (a list of strings) or 'pair'"),
     (b'{"response": "r"}', "'prompt' must be a string, not null"),
     (b'[1, 2]', "each line must be a JSON object {...}, not [1, 2]"),
     (b'5', "each line must be a JSON object {...}, not 5"),
@@ -203,6 +203,84 @@ def test_import_twice_adds_nothing_and_never_pairs_a_response_with_itself(tmp_pa
     assert sorted(tuple(sorted(pair)) for pair in pairs) == [("one", "three"), ("one", "two"), ("three", "two")]
 
 
+def pair_lines(*pairs) -> str:
+    return "".join(json.dumps({"prompt": prompt, "pair": [a, b]}, ensure_ascii=False) + "\n" for prompt, a, b in pairs)
+
+
+def stored_pairs():
+    rows = Item.objects.filter(kind=Item.COMPARE).values_list("prompt__text", "first__text", "second__text", "overlap")
+    return sorted((prompt, *sorted((a, b)), overlap) for prompt, a, b, overlap in rows)
+
+
+def test_import_pairs_makes_one_comparison_each_and_nothing_else(tmp_path, capsys):
+    """Iterated RLHF publishes the pairs a chooser picked: x-y and y-z, not the x-z of pairing every response."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(pair_lines(("p", "x", "y"), ("p", "z", "y"), ("p", "y", "x"), ("q", "ü", "u")), encoding="utf-8")
+    cli.import_file(str(path), cli.parse_args(["import", str(path), "--overlap", "2"]))
+    assert capsys.readouterr().out == "imported 3 items\n"  # y-x again is x-y
+    assert stored_pairs() == [("p", "x", "y", 2), ("p", "y", "z", 2), ("q", "u", "ü", 2)]
+    assert not Item.objects.filter(kind=Item.RATE).exists()
+    assert sorted(Response.objects.values_list("text", flat=True)) == ["u", "x", "y", "z", "ü"]  # y stored once
+    assert import_jsonl(path, overlap=2) == Imported(made=0, kept=0)
+    (tmp_path / "reversed.jsonl").write_text(pair_lines(("p", "y", "x"), ("p", "y", "z")))
+    assert import_jsonl(tmp_path / "reversed.jsonl", overlap=2) == Imported(made=0, kept=0)
+    assert import_jsonl(tmp_path / "reversed.jsonl", overlap=3) == Imported(made=0, kept=2)  # they keep overlap 2
+
+
+def test_import_pairs_beside_responses_stored_before(tmp_path):
+    add_responses("p", ["x", "y"], source="earlier")  # x and y rated, and compared
+    (tmp_path / "pairs.jsonl").write_text(pair_lines(("p", "y", "x"), ("p", "x", "new")))
+    assert import_jsonl(tmp_path / "pairs.jsonl") == Imported(made=1, kept=0)  # x-y was there: only x-new
+    assert stored_pairs() == [("p", "new", "x", 1), ("p", "x", "y", 1)]
+    assert Item.objects.filter(kind=Item.RATE).count() == 2  # "new" gets no rating item
+    assert Response.objects.get(text="new").source == str(tmp_path / "pairs.jsonl")
+    with pytest.raises(ValueError, match="two different responses"):
+        add_pair("p", "x", "x", source="test")
+
+
+PAIR_LINE = b'{"prompt": "first", "pair": ["one", "two"]}\n'
+
+
+@pytest.mark.parametrize("first,line,message", [
+    (PAIR_LINE, b'{"prompt": "p", "pair": "ab"}', "'pair' must be a list of two strings, not \"ab\""),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["a"]}', "'pair' must be a list of two strings, not [\"a\"]"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["a", "b", "c"]}', "'pair' must be a list of two strings"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["a", 2]}', "'pair'[1] must be a string, not 2"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": [" ", "b"]}', "'pair'[0] is empty"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["a\\u0000", "b"]}', "'pair'[0] holds a NUL character"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["same", "same"]}', "'pair' holds the same response twice"),
+    (PAIR_LINE, b'{"pair": ["a", "b"]}', "'prompt' must be a string, not null"),
+    (PAIR_LINE, b'{"prompt": "p", "pair": ["a", "b"], "response": "c"}', "give 'response' (a string), 'responses'"),
+    (PAIR_LINE, b'{"prompt": "p", "response": "r"}',
+     "a 'response'/'responses' line in a file of 'pair' lines (line 1): import pairs and responses from separate"),
+    (GOOD_LINE, b'{"prompt": "p", "pair": ["a", "b"]}',
+     "a 'pair' line in a file of 'response'/'responses' lines (line 1): import pairs and responses from separate"),
+])
+def test_import_pairs_a_bad_line_is_named_and_nothing_is_imported(tmp_path, first, line, message):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(first + line + b"\n")
+    with pytest.raises(BadFile) as error:
+        import_jsonl(path)
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value) and "\n" not in str(error.value)
+    assert not Prompt.objects.exists() and not Response.objects.exists()
+
+
+def test_import_pairs_a_failure_while_storing_leaves_nothing_stored(tmp_path, monkeypatch):
+    (tmp_path / "in.jsonl").write_text(pair_lines(("p", "a", "b"), ("p", "b", "c")))
+    calls = []
+
+    def add_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("the database went away")
+        return add_pair(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "add_pair", add_then_fail)
+    with pytest.raises(RuntimeError):
+        import_jsonl(tmp_path / "in.jsonl")
+    assert not Prompt.objects.exists() and not Item.objects.exists()
+
+
 SEPARATORS = "line\u2028separator, paragraph\u2029separator, next line\u0085end"
 
 
@@ -212,7 +290,8 @@ def test_jsonl_round_trips_unicode_line_separators(client_for, tmp_path):
         json.dumps({"prompt": "p\u2028q", "responses": [SEPARATORS, "plain"]}, ensure_ascii=False) + "\n"
         + json.dumps({"prompt": "second\u0085prompt", "response": "x\u2029y"}, ensure_ascii=False) + "\n",
         encoding="utf-8")
-    assert read_responses(tmp_path / "in.jsonl") == {"p\u2028q": [SEPARATORS, "plain"], "second\u0085prompt": ["x\u2029y"]}
+    assert read_import(tmp_path / "in.jsonl").responses == {"p\u2028q": [SEPARATORS, "plain"],
+                                                            "second\u0085prompt": ["x\u2029y"]}
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": SEPARATORS}, ensure_ascii=False) + "\n")
     assert read_prompts(tmp_path / "prompts.jsonl") == [SEPARATORS]
     import_jsonl(tmp_path / "in.jsonl")

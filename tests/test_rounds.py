@@ -1,0 +1,90 @@
+"""The pieces of iterated RLHF: the pair chooser against hand-made ensembles, the fragment share, and
+the simulated crowd's noise against the real raters' spread."""
+import numpy as np
+import pytest
+import torch
+
+from palm_rlhf import PaLM, PaLMConfig
+from palm_rlhf.crowd import (
+    GoldCrowd, individual_ratings, matched_noise_sd, noisy_ratings, rater_spread, score_texts, simulated_spread,
+)
+from palm_rlhf.reward import RewardModel
+from palm_rlhf.rounds import candidate_pairs, choose_pairs, fragment_share, fragments, pair_priorities
+
+
+def test_candidate_pairs_are_every_pair_once():
+    assert candidate_pairs(3).tolist() == [[0, 1], [0, 2], [1, 2]]
+
+
+def test_disagreement_picks_the_pair_the_members_split_on():
+    # two members, one prompt, three responses: they agree on 0 < 1 and on 0 < 2 and split on (1, 2)
+    scores = np.array([[[0.0, 2.0, 3.0]], [[0.0, 3.0, 2.0]]])
+    priorities = pair_priorities(scores, "disagreement", np.random.default_rng(0))
+    assert priorities.argmax() == 2  # the candidate (1, 2)
+    # by hand: after standardising, each member's P(1 > 2) is sigmoid(-+d); their spread is |sigmoid(d) - 1/2|
+    z = (np.array([0.0, 2.0, 3.0]) - 5 / 3) / np.std([0.0, 2.0, 3.0])
+    p = 1 / (1 + np.exp(-(z[1] - z[2])))
+    assert priorities[0, 2] == pytest.approx(np.std([p, 1 - p]))
+    assert choose_pairs(scores, 1, "disagreement") == [(0, 1, 2)]
+
+
+def test_margin_picks_the_closest_call_and_uniform_every_prompt_alike():
+    scores = np.array([[[0.0, 1.0], [0.0, 0.1], [0.0, 3.0]]])  # one member, three prompts, two responses each
+    assert choose_pairs(scores, 2, "margin") == [(1, 0, 1), (0, 0, 1)]
+    counts = np.zeros(3)
+    for seed in range(300):
+        for prompt, _, _ in choose_pairs(scores, 1, "uniform", seed=seed):
+            counts[prompt] += 1
+    assert counts.min() > 70  # about 100 each
+
+
+def test_at_most_per_prompt_pairs_and_clear_errors():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 4, 4))  # 4 prompts, 6 candidate pairs each
+    chosen = choose_pairs(scores, 8, "disagreement", per_prompt=2)
+    assert len(chosen) == len(set(chosen)) == 8 and all(np.bincount([p for p, _, _ in chosen]) == 2)
+    with pytest.raises(ValueError, match="9 pairs asked for, but 4 prompts"):
+        choose_pairs(scores, 9, "disagreement", per_prompt=2)
+    with pytest.raises(ValueError, match="at least two reward models"):
+        choose_pairs(scores[:1], 1, "disagreement")
+    with pytest.raises(ValueError, match="unknown chooser 'best'"):
+        choose_pairs(scores, 1, "best")
+
+
+def test_fragments_are_recurring_words_no_human_wrote():
+    vocabulary = {"a", "great", "film", "dull"}
+    responses = ["a great film Ole", "a dull film Ole!", "a great flim", "great film"] + ["a film"] * 396
+    assert fragments(responses, vocabulary) == {"ole": 2}  # "flim" appears once: a slip, not a quirk
+    assert fragment_share(responses, vocabulary) == pytest.approx(2 / 400)
+    assert fragment_share(responses[:3] * 100, vocabulary) == pytest.approx(1.0)  # ole 2/3, flim 1/3 recur
+
+
+def test_the_crowds_noise_spreads_as_the_real_raters_do():
+    ratings = [r for name in ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
+               for r in individual_ratings(name)]
+    assert len(ratings) == 23703 and all(all(-4 <= x <= 4 for x in r) for r in ratings[:100])
+    target = rater_spread(ratings)
+    assert 0.85 < target < 0.95  # 0.891: the files' pooled within-text standard deviation
+    means = np.array([np.mean(r) for r in ratings])[::5]
+    noise = matched_noise_sd(means, target)
+    assert simulated_spread(means, noise, seed=7) == pytest.approx(target, rel=0.02)  # other draws than the fit's
+    assert noise < target  # rounding adds spread of its own
+    ratings_drawn = noisy_ratings(np.full(10000, 3.8), noise, np.random.default_rng(0))
+    assert ratings_drawn.max() == 4 and ratings_drawn.min() >= -4 and ratings_drawn.dtype.kind == "i"
+
+
+def test_a_gold_raters_answers_follow_the_gold_model_and_repeat(tmp_path):
+    torch.manual_seed(0)
+    gold = RewardModel(PaLM.from_config(PaLMConfig.from_name("tiny")))
+    torch.nn.init.normal_(gold.to_pred.weight, std=1.0)
+    texts = [("The movie is", f" response {i} " + "x" * i) for i in range(8)]
+    scores = score_texts(gold, texts)
+    slope = 6 / (scores.max() - scores.min())  # the 8 texts spread over 6 of the 9 ratings
+    crowd = GoldCrowd(gold, slope=slope, intercept=-slope * scores.mean(), noise_sd=0.0)
+    assert np.allclose(crowd.human_scale(texts), slope * (scores - scores.mean()))
+    best, worst = texts[int(scores.argmax())][1], texts[int(scores.argmin())][1]
+    assert crowd.judge("r1", "The movie is", best, worst) == "a" and crowd.judge("r1", "The movie is", worst, best) == "b"
+    noisy = GoldCrowd(gold, slope=slope, intercept=-slope * scores.mean(), noise_sd=3.0, seed=1)
+    first = [noisy.judge(f"r{i}", "The movie is", best, worst) for i in range(20)]
+    assert first == [noisy.judge(f"r{i}", "The movie is", best, worst) for i in range(20)]  # the same after a restart
+    assert len(set(first)) > 1  # raters differ
