@@ -151,10 +151,10 @@ def read_json(path: Path):
 
 
 def train_gold(cfg) -> None:
-    """Gao et al.'s gold model: every rated set, every layer tuned (the proxy tunes 3), 3x the steps."""
+    """Gao et al.'s gold model: every rated set, every layer tuned (the proxy tunes 3), twice the steps."""
     out = Path(cfg.gold_checkpoint).parent
     run_script("train_reward", "--lm_checkpoint", cfg.lm_checkpoint, "--data", "+".join(RATED_SETS), "--finetune_last_n_layers", "6",
-               "--steps", "1200", "--out_dir", out, *resumable(out), *extra_args(cfg, "gold"))
+               "--steps", "800", "--out_dir", out, *resumable(out), *extra_args(cfg, "gold"))
 
 
 def round_zero(cfg) -> None:
