@@ -246,13 +246,28 @@ def crowd_accounts(cfg) -> list:
     return accounts
 
 
+def answered_by_people(cfg, asked: list) -> int:
+    """Answers the app holds for this round's pairs (read from its database; only the app writes it)."""
+    from palm_rlhf.feedback.__main__ import setup_django
+
+    setup_django(str(app_dir(cfg)))
+    from palm_rlhf.feedback.models import Answer
+    from palm_rlhf.feedback.tasks import pair_items
+
+    items = [item.pk for p in asked for item in pair_items(p["prompt"], *p["pair"])]
+    return Answer.objects.filter(item__in=items, answered_at__isnull=False).count()
+
+
 def step_answer(cfg, k: int) -> dict | None:
     """The gold crowd answers through the app over HTTP; for people, how many are answered so far."""
     asked = [json.loads(line) for line in (round_dir(cfg, k) / "pairs_to_ask.jsonl").read_text(encoding="utf-8").splitlines()]
     if cfg.crowd == "people":
-        print(f"round {k}: {len(asked)} pairs published in {app_dir(cfg)}; serve the app "
-              f"(python -m palm_rlhf.feedback --data-dir {app_dir(cfg)} serve) and run this command again once they are answered")
-        return None
+        answered = answered_by_people(cfg, asked)
+        if answered < len(asked) * cfg.overlap:
+            print(f"round {k}: {answered} of {len(asked) * cfg.overlap} answers in; serve the app "
+                  f"(python -m palm_rlhf.feedback --data-dir {app_dir(cfg)} serve) and run this command again once all are in")
+            return None
+        return dict(acknowledged=answered)
     from palm_rlhf.crowd import GoldCrowd
     from palm_rlhf.feedback.crowd import answer_comparisons, serving
 

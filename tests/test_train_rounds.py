@@ -101,3 +101,21 @@ def test_a_round_end_to_end_killed_while_answering_and_resumed(stages, tmp_path)
     assert again.returncode == 0 and "== round" not in again.stdout
     other = subprocess.run(command(stages, out_dir, "--chooser", "uniform"), capture_output=True, text=True)
     assert other.returncode != 0 and "--chooser" in other.stderr.strip().splitlines()[-1]
+
+
+def test_people_answer_in_the_app_and_the_round_waits_for_them(stages, tmp_path):
+    from palm_rlhf.feedback.crowd import answer_comparisons, make_accounts, serving
+
+    out_dir = tmp_path / "people"
+    first = command(stages, out_dir, "--crowd", "people", "--chooser", "uniform", "--ensemble_size", "1", "--round", "1")
+    out = subprocess.run(first, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0 of 6 answers in" in out.stdout and not (out_dir / "round_1" / "done" / "answer.json").exists()
+    assert (out_dir / "round_1" / "done" / "publish.json").exists()
+
+    data_dir = out_dir / "feedback_data"
+    with serving(data_dir) as url:  # people, here two accounts answering through the app
+        answer_comparisons(url, make_accounts(data_dir, ["ann", "bob"]), lambda rater, prompt, a, b: "a")
+    out = subprocess.run(first + ["--step", "answer"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((out_dir / "round_1" / "done" / "answer.json").read_text()) == dict(acknowledged=6)
