@@ -52,7 +52,7 @@ from palm_rlhf.config import check_settings, parse_config, setting
 from palm_rlhf.data import review_prompts, stable_bucket, vader_compound
 from palm_rlhf.dpo import pack_sequences, sequence_log_probs
 from palm_rlhf.reward import RewardModel
-from palm_rlhf.rounds import fragments, human_vocabulary, words
+from palm_rlhf.rounds import holds_fragment, human_vocabulary
 from palm_rlhf.training import load_lm, set_seed
 
 METRICS = ("vader", "win_rate", "rm_score", "gold", "fragment_share", "kl", "kl_bound", "bits_per_byte", "distinct_2", "eos_rate", "length")
@@ -240,7 +240,7 @@ def measure(heads: list, tails: list, num_samples: int, lm: PaLM, reward_model: 
         bits_per_byte=(-lm_log_probs / num_bytes / math.log(2)).reshape(shape),
         eos_rate=ended.reshape(shape),
         length=text_bytes.reshape(shape),
-        fragment_share=holds_fragment(texts).reshape(shape),
+        fragment_share=holds_fragment(texts, vocabulary()).reshape(shape),
     )
     if gold is not None:
         per_response["gold"] = reward_scores(gold, repeated_heads, tails, cfg.batch_size).reshape(shape)
@@ -257,12 +257,6 @@ def vocabulary() -> frozenset:
     return frozenset(human_vocabulary())
 
 
-def holds_fragment(texts: list) -> np.ndarray:
-    """1.0 for each response holding a fragment of its set (rounds.fragments), else 0."""
-    found = set(fragments(texts, vocabulary()))
-    return np.array([float(bool(found & set(words(text)))) for text in texts])
-
-
 def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader: np.ndarray, tokenizer) -> list:
     """Rows for best-of-N picked by the reward model and by VADER from a pool of the LM's samples
     (P, K); each pick's win rate is against the independent LM responses `lm_vader` (P, k), its KL
@@ -272,10 +266,14 @@ def best_of_n_rows(pool_tails: list, per_response: dict, best_of: list, lm_vader
     for picker in ("rm_score", "vader"):
         for n in best_of:
             index = best_of_n_index(per_response[picker], n)  # (P, K // n)
-            picked = {key: np.take_along_axis(value, index, axis=1) for key, value in per_response.items() if key != "distinct_2"}
+            picked = {key: np.take_along_axis(value, index, axis=1) for key, value in per_response.items()
+                      if key not in ("distinct_2", "fragment_share")}
             baseline = lm_vader[:, np.arange(index.shape[1]) % lm_vader.shape[1]]  # pick g against LM response g mod k
             picked["win_rate"] = win_rate(picked["vader"], baseline)
-            picked["distinct_2"] = np.full(index.shape, distinct_n_per_draw(np.take_along_axis(texts, index, axis=1)))
+            picked_texts = np.take_along_axis(texts, index, axis=1)
+            picked["distinct_2"] = np.full(index.shape, distinct_n_per_draw(picked_texts))
+            # the picks' own fragments: a quirk that best-of-N concentrates is rare in the whole pool
+            picked["fragment_share"] = holds_fragment(list(picked_texts.ravel()), vocabulary()).reshape(index.shape)
             picked["kl"] = best_of_n_kl_plugin(per_response[picker], n)[:, None]
             picked["kl_bound"] = np.full((len(index), 1), best_of_n_kl(n))
             label = "rm" if picker == "rm_score" else "vader"
@@ -319,7 +317,7 @@ def plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("vader", "VADER compound (the judge)"), ("rm_score", "reward-model score (optimised)")]
+    panels = [("vader", "VADER compound (the judge)"), ("rm_score", "reward-model score (--reward_checkpoint's)")]
     panels += [("gold", "gold reward model (the simulated people)")] if all("gold" in r for r in rows) else []
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -37,10 +37,10 @@ from palm_rlhf.data import (
     truncate_words,
     vader_compound,
 )
-from palm_rlhf.model import PRESETS, eval_mode
+from palm_rlhf.model import PRESETS
 from palm_rlhf.reward import (
     RewardConfig, RewardModel, all_pairs_bradley_terry_loss, bradley_terry_loss, encode_reward_input, expected_rating,
-    pad_right, preference_accuracy, split_prompt,
+    pad_right, preference_accuracy, score_texts, split_prompt,
 )
 from palm_rlhf.training import Run, RunConfig, load_lm, lr_lambda_warmup_cosine, script_accelerator
 
@@ -188,18 +188,6 @@ def sample_batch(items, batch_size, step, seed, rank) -> list:
 # evaluation
 
 
-@torch.no_grad()
-def head_outputs(model, sides, cfg, device) -> torch.Tensor:
-    """The head's output for each (prompt, response): (N, K) logits or (N,) scalars."""
-    order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))  # less padding
-    outputs = []
-    with eval_mode(model):
-        for start in range(0, len(order), cfg.batch_size):
-            seq, prompt_mask, mask = collate([sides[i] for i in order[start : start + cfg.batch_size]], model.palm, cfg.max_len, device)
-            outputs.append(model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=True).float().cpu())
-    return torch.cat(outputs)[torch.tensor(order).argsort()]
-
-
 def vader_pairwise_accuracy(pairs) -> float:
     """The VADER lexicon's pairwise accuracy (compound score of prompt + response), the baseline."""
     chosen = vader_compound(["".join(p["chosen"]) for p in pairs])
@@ -218,7 +206,7 @@ def evaluate(model, data, cfg, device) -> dict:
     binned = model.num_binned_output > 0
     metrics = {}
     if data["test_ratings"]:
-        outputs = head_outputs(model, [(r["prompt"], r["response"]) for r in data["test_ratings"]], cfg, device)
+        outputs = score_texts(model, [(r["prompt"], r["response"]) for r in data["test_ratings"]], cfg.batch_size, cfg.max_len, return_logits=True)
         rewards = expected_rating(outputs) if binned else outputs
         means = torch.tensor([float(r["mean"]) for r in data["test_ratings"]])
         metrics["pearson_r"] = torch.corrcoef(torch.stack((rewards, means)))[0, 1].item()
@@ -228,8 +216,8 @@ def evaluate(model, data, cfg, device) -> dict:
             metrics["mae"] = (rewards - stars).abs().mean().item()
             metrics["loss"] = torch.nn.functional.cross_entropy(outputs, stars - 1).item()
     if data["test_pairs"]:
-        chosen = head_outputs(model, [p["chosen"] for p in data["test_pairs"]], cfg, device)
-        rejected = head_outputs(model, [p["rejected"] for p in data["test_pairs"]], cfg, device)
+        chosen = score_texts(model, [p["chosen"] for p in data["test_pairs"]], cfg.batch_size, cfg.max_len, return_logits=True)
+        rejected = score_texts(model, [p["rejected"] for p in data["test_pairs"]], cfg.batch_size, cfg.max_len, return_logits=True)
         if binned:
             chosen, rejected = expected_rating(chosen), expected_rating(rejected)
         else:

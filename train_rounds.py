@@ -2,7 +2,7 @@
 RL runs again, round after round (InstructGPT's and Llama 2's rounds; Bai et al. 2022's online RLHF).
 
     python train_rounds.py                              # 3 rounds of 2,000 answers from the simulated crowd
-    python train_rounds.py --chooser uniform --out_dir runs/rounds_uniform    # the baseline chooser
+    python train_rounds.py --chooser uniform --ensemble_size 1 --out_dir runs/rounds_uniform    # the baseline
     python train_rounds.py --crowd people               # publish to the feedback app; rerun once people answered
     python train_rounds.py --round 2 --step reward      # one step of one round alone
 
@@ -19,8 +19,8 @@ and the ensemble members beside the reward model (other seeds) that choose what 
              raters' noise) log in and answer through the app over HTTP, each acknowledged answer
              logged as it comes; --crowd people: the step reports how many are answered and ends,
              to be run again when people have answered.
-5. export    every answer of every round from the app's export; the answers the crowd saw
-             acknowledged are counted against it (none may be missing).
+5. export    every answer of every round from the app's export; the answers the simulated crowd
+             saw acknowledged are counted against it (none may be missing; people keep no such log).
 6. reward    the reward model and the other ensemble members refit on the human snippets plus every
              pair collected so far (train_reward.py --pairs), each from the LM as in round 0.
 7. rl        the RL stage again, from the LM, against the refit reward model, at its defaults.
@@ -44,7 +44,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from palm_rlhf.config import check_settings, parse_config, setting
+from palm_rlhf.config import SettingError, check_settings, parse_config, setting
 from palm_rlhf.data import RATED_SETS, review_prompts
 
 ROOT = Path(__file__).resolve().parent
@@ -80,6 +80,10 @@ class TrainRoundsConfig:
 
     def __post_init__(self):
         check_settings(self)
+        if self.chooser == "disagreement" and self.ensemble_size < 2:
+            raise SettingError("ensemble_size", self.ensemble_size, "the disagreement chooser needs at least 2 reward models")
+        if self.crowd == "gold" and self.overlap > self.raters:
+            raise SettingError("overlap", self.overlap, f"more than the {self.raters} --raters, who answer each pair once each")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +157,8 @@ def read_json(path: Path):
 def train_gold(cfg) -> None:
     """Gao et al.'s gold model: every rated set, every layer tuned (the proxy tunes 3), twice the steps."""
     out = Path(cfg.gold_checkpoint).parent
-    run_script("train_reward", "--lm_checkpoint", cfg.lm_checkpoint, "--data", "+".join(RATED_SETS), "--finetune_last_n_layers", "6",
+    depth = read_json(Path(cfg.lm_checkpoint) / "config.json")["depth"]
+    run_script("train_reward", "--lm_checkpoint", cfg.lm_checkpoint, "--data", "+".join(RATED_SETS), "--finetune_last_n_layers", depth,
                "--steps", "800", "--out_dir", out, *resumable(out), *extra_args(cfg, "gold"))
 
 
@@ -202,9 +207,11 @@ def step_sample(cfg, k: int) -> dict:
     with torch.no_grad():
         tails = evaluate.sample_responses(policy, heads, cfg.samples, budget, sampling, seed=cfg.seed * 1000 + k)
     responses = evaluate.response_texts(tails, policy.tokenizer)
-    records = [dict(prompt=p, responses=responses[i * cfg.samples : (i + 1) * cfg.samples]) for i, p in enumerate(prompts)]
+    ended = [bool(t) and t[-1] == policy.tokenizer.eos_id for t in tails]
+    records = [dict(prompt=p, responses=responses[i * cfg.samples : (i + 1) * cfg.samples],
+                    ended=ended[i * cfg.samples : (i + 1) * cfg.samples]) for i, p in enumerate(prompts)]
     write_json(round_dir(cfg, k) / "candidates.json", records)
-    return dict(prompts=len(prompts), responses=len(responses))
+    return dict(prompts=len(prompts), responses=len(responses), ended=sum(ended))
 
 
 def step_choose(cfg, k: int) -> dict:
@@ -220,12 +227,26 @@ def step_choose(cfg, k: int) -> dict:
         else np.zeros((1, len(sides)))
     scores = scores.reshape(len(scores), len(candidates), cfg.samples)  # (members, prompts, samples)
     num_pairs = -(-cfg.answers // cfg.overlap)
-    chosen = choose_pairs(scores, num_pairs, cfg.chooser, per_prompt=cfg.per_prompt, seed=cfg.seed * 1000 + k)
+    chosen = choose_pairs(scores, num_pairs, cfg.chooser, per_prompt=cfg.per_prompt, seed=cfg.seed * 1000 + k,
+                          valid=valid_pairs(candidates))
     pairs = [dict(prompt=candidates[p]["prompt"], pair=[candidates[p]["responses"][i], candidates[p]["responses"][j]])
-             for p, i, j in chosen if candidates[p]["responses"][i] != candidates[p]["responses"][j]]
+             for p, i, j in chosen]
     path = round_dir(cfg, k) / "pairs_to_ask.jsonl"
-    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    os.replace(partial, path)
     return dict(pairs=len(pairs), chooser=cfg.chooser, members=[str(m) for m in members])
+
+
+def valid_pairs(candidates: list) -> np.ndarray:
+    """(P, C): candidate pairs worth asking about: two different texts (equal ones carry no preference),
+    both ended (a response cut at the length limit is scored by RL without its EOS, by people and the
+    reward stage as a whole text)."""
+    from palm_rlhf.rounds import candidate_pairs
+
+    pairs = candidate_pairs(len(candidates[0]["responses"]))
+    return np.array([[c["ended"][i] and c["ended"][j] and c["responses"][i] != c["responses"][j] for i, j in pairs]
+                     for c in candidates])
 
 
 def step_publish(cfg, k: int) -> dict:
@@ -238,38 +259,40 @@ def crowd_accounts(cfg) -> list:
     from palm_rlhf.feedback.crowd import make_accounts
 
     path = Path(cfg.out_dir) / "crowd_accounts.json"
-    if path.is_file():
-        return [tuple(a) for a in read_json(path)]
-    accounts = make_accounts(app_dir(cfg), [f"crowd{i:02d}" for i in range(cfg.raters)])
-    write_json(path, accounts)
-    path.chmod(0o600)
+    accounts = [tuple(a) for a in read_json(path)] if path.is_file() else []
+    for name in [f"crowd{i:02d}" for i in range(len(accounts), cfg.raters)]:
+        # saved one by one: a crash between making an account and saving its password would lock it out
+        accounts += make_accounts(app_dir(cfg), [name])
+        write_json(path, accounts)
+        path.chmod(0o600)
     return accounts
 
 
-def answered_by_people(cfg, asked: list) -> int:
-    """Answers the app holds for this round's pairs (read from its database; only the app writes it)."""
+def round_progress(cfg, asked: list) -> tuple:
+    """(answers wanted, answers given) for the items of this round's pairs, read from the app's database
+    (only the app writes it); a pair stored in an earlier round is that round's item, answered there."""
     from palm_rlhf.feedback.__main__ import setup_django
 
     setup_django(str(app_dir(cfg)))
     from palm_rlhf.feedback.models import Answer
     from palm_rlhf.feedback.tasks import pair_items
 
-    items = [item.pk for p in asked for item in pair_items(p["prompt"], *p["pair"])]
-    return Answer.objects.filter(item__in=items, answered_at__isnull=False).count()
+    items = {item.pk: item.overlap for p in asked for item in pair_items(p["prompt"], *p["pair"])}
+    return sum(items.values()), Answer.objects.filter(item__in=list(items), answered_at__isnull=False).count()
 
 
 def step_answer(cfg, k: int) -> dict | None:
     """The gold crowd answers through the app over HTTP; for people, how many are answered so far."""
     asked = [json.loads(line) for line in (round_dir(cfg, k) / "pairs_to_ask.jsonl").read_text(encoding="utf-8").splitlines()]
     if cfg.crowd == "people":
-        answered = answered_by_people(cfg, asked)
-        if answered < len(asked) * cfg.overlap:
-            print(f"round {k}: {answered} of {len(asked) * cfg.overlap} answers in; serve the app "
+        wanted, answered = round_progress(cfg, asked)
+        if answered < wanted:
+            print(f"round {k}: {answered} of {wanted} answers in; serve the app "
                   f"(python -m palm_rlhf.feedback --data-dir {app_dir(cfg)} serve) and run this command again once all are in")
             return None
         return dict(acknowledged=answered)
     from palm_rlhf.crowd import GoldCrowd
-    from palm_rlhf.feedback.crowd import answer_comparisons, serving
+    from palm_rlhf.feedback.crowd import answer_comparisons, read_log, serving
 
     crowd = GoldCrowd.from_pretrained(cfg.gold_checkpoint, seed=cfg.seed)
     crowd.human_scale([(p["prompt"], text) for p in asked for text in p["pair"]])  # scored in batches, before the clock
@@ -277,9 +300,10 @@ def step_answer(cfg, k: int) -> dict | None:
     log = round_dir(cfg, k) / "answers.jsonl"
     with serving(app_dir(cfg)) as base_url:
         answer_comparisons(base_url, accounts, crowd.judge, log_path=log)
-    from palm_rlhf.feedback.crowd import read_log
-
     answers = read_log(log)
+    wanted, answered = round_progress(cfg, asked)
+    if answered < wanted:
+        raise SystemExit(f"train_rounds.py: the app holds {answered} of the {wanted} answers this round wants after the crowd ran")
     choices = {c: sum(a["choice"] == c for a in answers) for c in ("a", "b", "tie", "skip")}
     return dict(acknowledged=len(answers), **choices)
 
@@ -345,9 +369,10 @@ def run_step(cfg, k: int, step: str) -> bool:
 
 
 def check_same_settings(cfg) -> None:
-    """A rerun continues the rounds it finds only with the settings they were made with (--round and --step aside)."""
+    """A rerun continues the rounds it finds only with the settings they were made with (--round, --step,
+    --rounds, to add rounds, and --batch_size aside)."""
     path = Path(cfg.out_dir) / "settings.json"
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("round", "step")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("round", "step", "rounds", "batch_size")}
     if path.is_file():
         changed = sorted(k for k, v in read_json(path).items() if settings.get(k) != v)
         if changed:

@@ -8,7 +8,7 @@ that RL optimises, plays the part of the people; its score is reported beside th
    of the VADER paper (movie reviews, tweets, Amazon reviews, NYT editorials; their train splits,
    so the test splits still measure it), tuning every layer where the proxy tunes the last three.
 2. Its score is mapped onto the raters' -4..4 scale by the least-squares line from gold scores to the
-   human means of rated snippets (`GoldCrowd.calibrate`).
+   human means of held-out (test-split) rated snippets (`GoldCrowd.calibrate`).
 3. A simulated rater rates a text as a person of those files did: the gold's human-scale score plus
    Gaussian noise, rounded to a whole number and clipped to -4..4. The noise's standard deviation
    is set so that the ratings' spread around their mean equals the real raters' (`rater_spread`
@@ -18,17 +18,20 @@ that RL optimises, plays the part of the people; its score is reported beside th
    (seed, rater, item texts), so answering again after a crash gives the same answer.
 
 Departures: the VADER paper's raters rated single sentences, not pairs, so comparisons are derived
-from two ratings; each rater is unbiased (the files do not say which rater gave which rating).
+from two ratings; each rater is unbiased (the files do not say which rater gave which rating), so
+the noise a rater's bias would put into a rating, but cancel within a pair, is all per-rating noise,
+and the crowd is noisier on pairs than people would be. The gold model shares the proxy's base LM
+and the movie snippets, so their errors are correlated: the gold score understates how much a
+policy overoptimises the proxy, as Gao et al.'s larger, separately trained gold model would not.
 The crowd never sees VADER's lexicon: a crowd that answered by VADER would make the judge a
 training signal and the frontier would measure nothing.
 """
 import hashlib
 
 import numpy as np
-import torch
 
 from palm_rlhf.data import RATED_SETS, load_rated_snippets, package_dir, read_text, split_snippets
-from palm_rlhf.reward import RewardModel, encode_reward_input, pad_right, split_prompt
+from palm_rlhf.reward import RewardModel, score_texts, split_prompt
 
 LOWEST, HIGHEST = -4, 4  # the VADER raters' scale
 
@@ -78,25 +81,12 @@ def stable_seed(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\0".join(parts).encode("utf-8")).digest()[:8], "big")
 
 
-@torch.no_grad()
-def score_texts(reward_model: RewardModel, sides: list, batch_size: int = 64, max_len: int = 256) -> np.ndarray:
-    """The reward model's score of each (prompt, response) text pair, (len(sides),), in its tokenizer."""
-    tokenizer = reward_model.palm.tokenizer
-    order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))  # less padding
-    scores = np.zeros(len(sides))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        encoded = [encode_reward_input(*sides[i], max_len=max_len, tokenizer=tokenizer) for i in chunk]
-        seq, prompt_mask, mask = (t.to(reward_model.palm.device) for t in pad_right(*zip(*encoded), reward_model.palm.pad_id))
-        scores[chunk] = reward_model.score(seq, prompt_mask=prompt_mask, mask=mask).float().cpu().numpy()
-    return scores
-
-
 class GoldCrowd:
     """Simulated raters who judge by a gold reward model plus the real raters' noise.
 
     `judge(rater, prompt, a, b)` -> "a" | "b" | "tie", the signature the feedback app's HTTP crowd
-    calls; `human_scale(sides)` the gold's score on -4..4, which evaluation reports as the gold score.
+    calls; `human_scale(sides)` the gold's score on the raters' -4..4 scale (evaluate.py reports the
+    gold model's own score, of which this is a fixed affine map).
     """
 
     def __init__(self, gold: RewardModel, slope: float, intercept: float, noise_sd: float, seed: int = 0,
@@ -117,10 +107,11 @@ class GoldCrowd:
     @staticmethod
     def calibrate(gold: RewardModel, num_texts: int, prompt_words: int = 4) -> tuple:
         """(slope, intercept, human means): the least-squares line from the gold's score to the human
-        mean, fitted on `num_texts` train-split snippets of the four sets taken evenly."""
-        snippets = [s for name in RATED_SETS for s in split_snippets(load_rated_snippets(name))["train"]]
+        mean, fitted on `num_texts` test-split snippets of the four sets taken evenly (the gold model
+        trained on the train splits, so the line is not fitted to its own training texts)."""
+        snippets = [s for name in RATED_SETS for s in split_snippets(load_rated_snippets(name))["test"]]
         chosen = snippets[:: max(1, len(snippets) // num_texts)][:num_texts]
-        scores = score_texts(gold, [split_prompt(s.text, prompt_words) for s in chosen])
+        scores = score_texts(gold, [split_prompt(s.text, prompt_words) for s in chosen]).numpy()
         means = np.array([s.mean for s in chosen])
         slope, intercept = np.polyfit(scores, means, 1)
         return float(slope), float(intercept), means
@@ -129,7 +120,7 @@ class GoldCrowd:
         """The gold's score of each (prompt, response) on the raters' -4..4 scale (not clipped), cached by text."""
         missing = list(dict.fromkeys(side for side in sides if side not in self.cache))
         if missing:
-            for side, score in zip(missing, score_texts(self.gold, missing)):
+            for side, score in zip(missing, score_texts(self.gold, missing).tolist()):
                 self.cache[side] = self.slope * score + self.intercept
         return np.array([self.cache[side] for side in sides])
 

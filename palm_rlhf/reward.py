@@ -143,6 +143,24 @@ def pad_right(seqs: list, prompt_masks: list, pad_id: int = PAD_ID) -> tuple:
     return seq, prompt_mask.bool(), mask
 
 
+@torch.no_grad()
+def score_texts(reward_model, sides: list, batch_size: int = 64, max_len: int | None = 256, ended: list | None = None,
+                return_logits: bool = False) -> torch.Tensor:
+    """The reward of each (prompt, response) text, (N,), without dropout, in the model's tokenizer;
+    with return_logits the head's raw output, (N, K) or (N,). `ended[i]` False leaves out the closing
+    EOS, as RL scores a response cut at the length limit. Batches are sorted by length (less padding)."""
+    palm, ended = reward_model.palm, ended or [True] * len(sides)
+    order = sorted(range(len(sides)), key=lambda i: len(sides[i][0]) + len(sides[i][1]))
+    outputs = []
+    with eval_mode(reward_model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            encoded = [encode_reward_input(*sides[i], max_len=max_len, ended=ended[i], tokenizer=palm.tokenizer) for i in chunk]
+            seq, prompt_mask, mask = (t.to(palm.device) for t in pad_right(*zip(*encoded), pad_id=palm.pad_id))
+            outputs.append(reward_model(seq, mask=mask, prompt_mask=prompt_mask, return_logits=return_logits).float().cpu())
+    return torch.cat(outputs)[torch.tensor(order).argsort()]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the model
 

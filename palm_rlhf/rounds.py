@@ -5,15 +5,17 @@ the current policy's samples, the reward model is refit on their answers, RL run
 `train_rounds.py` runs the rounds; this file holds the two pieces of maths they need.
 
 1. Choosing pairs to ask about (ratings cost people's time). From each prompt's sampled responses,
-   every pair (i, j) is a candidate. Each ensemble member m scores the responses (standardised over
-   the pool, as `RewardEnsemble` does) and so predicts P_m(i > j) = sigmoid(r_mi - r_mj), the
+   every pair (i, j) is a candidate. Each ensemble member m scores the responses (standardised by
+   its mean and spread over the pool, since each Bradley-Terry head has its own offset and scale) and so predicts P_m(i > j) = sigmoid(r_mi - r_mj), the
    Bradley-Terry probability its loss was fitted to.
    - "disagreement": the pairs whose P_m spread most across members (their standard deviation):
      query by committee (Seung et al. 1992), as in Christiano et al. 2017's ensemble choice.
    - "margin": the pairs whose mean predicted margin |mean_m (r_mi - r_mj)| is smallest, where the
      reward model is least certain which is better (uncertainty sampling); works with one member.
    - "uniform": pairs drawn at random, the baseline.
-   Every chooser takes at most `per_prompt` pairs of one prompt, so the answers spread over prompts.
+   Every chooser takes at most `per_prompt` pairs of one prompt, so the answers spread over prompts,
+   and only valid candidates (`valid`: train_rounds.py leaves out pairs of equal texts, which carry
+   no preference, and responses cut at the length limit, which RL scores without their EOS).
 2. The fragment share: the share of responses that carry a word no human snippet holds and that
    recurs across the policy's responses (in at least `min_share` of them). A misspelling of a small
    LM is rare and never recurs; a quirk that a policy learned because the reward model scores it up
@@ -46,7 +48,8 @@ def pair_priorities(scores: np.ndarray, chooser: str, rng: np.random.Generator) 
     if chooser not in CHOOSERS:
         raise ValueError(f"unknown chooser {chooser!r}; choose one of {', '.join(CHOOSERS)}")
     pairs = candidate_pairs(scores.shape[2])
-    margins = (lambda r: r[:, :, pairs[:, 0]] - r[:, :, pairs[:, 1]])(standardise(scores))  # (M, P, C)
+    standard = standardise(scores)
+    margins = standard[:, :, pairs[:, 0]] - standard[:, :, pairs[:, 1]]  # (M, P, C)
     if chooser == "disagreement":
         if len(scores) < 2:
             raise ValueError("the disagreement chooser needs an ensemble of at least two reward models")
@@ -56,22 +59,26 @@ def pair_priorities(scores: np.ndarray, chooser: str, rng: np.random.Generator) 
     return rng.random(margins.shape[1:])
 
 
-def choose_pairs(scores: np.ndarray, num_pairs: int, chooser: str, per_prompt: int = 1, seed: int = 0) -> list:
+def choose_pairs(scores: np.ndarray, num_pairs: int, chooser: str, per_prompt: int = 1, seed: int = 0,
+                 valid: np.ndarray | None = None) -> list:
     """The `num_pairs` candidate pairs to ask about, as (prompt index, i, j), highest priority first,
-    at most `per_prompt` of any one prompt; ties of priority broken at random."""
+    at most `per_prompt` of any one prompt and only those `valid` (P, C) allows; ties of priority
+    broken at random."""
     rng = np.random.default_rng(seed)
     priorities = pair_priorities(scores, chooser, rng)  # (P, C)
     pairs = candidate_pairs(scores.shape[2])
-    available = priorities.shape[0] * min(per_prompt, len(pairs))
+    valid = np.ones(priorities.shape, dtype=bool) if valid is None else valid
+    available = int(np.minimum(valid.sum(axis=1), per_prompt).sum())
     if num_pairs > available:
         raise ValueError(f"{num_pairs} pairs asked for, but {priorities.shape[0]} prompts with at most {per_prompt} "
-                         f"pair(s) each hold {available}: sample more prompts or raise per_prompt")
+                         f"valid pair(s) each hold {available}: sample more prompts or raise per_prompt")
+    priorities = np.where(valid, priorities, -np.inf)
     tiebreak = rng.random(priorities.shape)
     order = np.lexsort((tiebreak.ravel(), -priorities.ravel()))  # by priority, then at random
     chosen, taken = [], np.zeros(priorities.shape[0], dtype=int)
     for flat in order:
         prompt, candidate = divmod(int(flat), priorities.shape[1])
-        if taken[prompt] < per_prompt:
+        if taken[prompt] < per_prompt and valid[prompt, candidate]:
             taken[prompt] += 1
             chosen.append((prompt, *map(int, pairs[candidate])))
             if len(chosen) == num_pairs:
@@ -99,7 +106,12 @@ def fragments(responses: list, vocabulary: set, min_share: float = 0.005) -> dic
     return {w: n for w, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n >= least}
 
 
-def fragment_share(responses: list, vocabulary: set, min_share: float = 0.005) -> float:
-    """The share of responses holding a fragment (see `fragments`)."""
+def holds_fragment(responses: list, vocabulary: set, min_share: float = 0.005) -> np.ndarray:
+    """1.0 for each response holding a fragment of its set (see `fragments`), else 0.0."""
     found = set(fragments(responses, vocabulary, min_share))
-    return sum(bool(found & set(words(r))) for r in responses) / max(1, len(responses))
+    return np.array([float(bool(found & set(words(r)))) for r in responses])
+
+
+def fragment_share(responses: list, vocabulary: set, min_share: float = 0.005) -> float:
+    """The share of responses holding a fragment."""
+    return float(holds_fragment(responses, vocabulary, min_share).mean()) if responses else 0.0

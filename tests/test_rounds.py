@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from palm_rlhf import PaLM, PaLMConfig
-from palm_rlhf.crowd import (
-    GoldCrowd, individual_ratings, matched_noise_sd, noisy_ratings, rater_spread, score_texts, simulated_spread,
-)
-from palm_rlhf.reward import RewardModel
+from palm_rlhf.crowd import GoldCrowd, individual_ratings, matched_noise_sd, noisy_ratings, rater_spread, simulated_spread
+from palm_rlhf.reward import RewardModel, score_texts
 from palm_rlhf.rounds import candidate_pairs, choose_pairs, fragment_share, fragments, pair_priorities
 
 
@@ -78,7 +76,7 @@ def test_a_gold_raters_answers_follow_the_gold_model_and_repeat(tmp_path):
     gold = RewardModel(PaLM.from_config(PaLMConfig.from_name("tiny")))
     torch.nn.init.normal_(gold.to_pred.weight, std=1.0)
     texts = [("The movie is", f" response {i} " + "x" * i) for i in range(8)]
-    scores = score_texts(gold, texts)
+    scores = score_texts(gold, texts).numpy()
     slope = 6 / (scores.max() - scores.min())  # the 8 texts spread over 6 of the 9 ratings
     crowd = GoldCrowd(gold, slope=slope, intercept=-slope * scores.mean(), noise_sd=0.0)
     assert np.allclose(crowd.human_scale(texts), slope * (scores - scores.mean()))
@@ -88,3 +86,25 @@ def test_a_gold_raters_answers_follow_the_gold_model_and_repeat(tmp_path):
     first = [noisy.judge(f"r{i}", "The movie is", best, worst) for i in range(20)]
     assert first == [noisy.judge(f"r{i}", "The movie is", best, worst) for i in range(20)]  # the same after a restart
     assert len(set(first)) > 1  # raters differ
+
+
+def test_only_valid_pairs_are_chosen_and_counted():
+    scores = np.array([[[0.0, 0.0, 5.0], [0.0, 1.0, 2.0]]])  # (0, 1) of prompt 0 has margin 0: margin's first pick
+    valid = np.array([[False, True, True], [True, True, True]])  # but its texts are equal, say
+    assert choose_pairs(scores, 2, "margin", valid=valid)[0] != (0, 0, 1)
+    assert (0, 0, 1) not in choose_pairs(scores, 2, "margin", valid=valid)
+    with pytest.raises(ValueError, match="hold 1"):
+        choose_pairs(scores, 2, "margin", valid=np.array([[False] * 3, [True] * 3]))
+
+
+def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_rounds", Path(__file__).resolve().parents[1] / "train_rounds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    candidates = [dict(prompt="p", responses=["a", "a", "b"], ended=[True, True, True]),
+                  dict(prompt="q", responses=["a", "b", "c"], ended=[True, False, True])]
+    # pairs (0, 1), (0, 2), (1, 2)
+    assert script.valid_pairs(candidates).tolist() == [[False, True, True], [False, True, False]]

@@ -13,6 +13,7 @@ import torch
 
 from palm_rlhf import PaLM, PaLMConfig
 from palm_rlhf.reward import RewardModel
+from palm_rlhf.tokenizer import pad
 
 pytest.importorskip("django")
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +26,27 @@ SCRIPT_ARGS = json.dumps({
 })
 
 
+def learn_to_end(palm, steps: int = 60):
+    """A few steps on short texts that end in EOS, so that the tiny LM's samples end (only ended
+    responses are asked about), as a trained LM's do."""
+    tokenizer = palm.tokenizer
+    words = ["good", "bad", "fine", "dull", "great", "odd"]
+    optimizer = torch.optim.Adam(palm.parameters(), lr=3e-3)
+    for step in range(steps):
+        texts = [f"The movie is {words[(step + i) % 6]} {words[(step * i) % 6]}." for i in range(16)]
+        seq, mask = pad([tokenizer.encode_prompt(t).tolist() + [tokenizer.eos_id] for t in texts], palm.pad_id)
+        palm(seq, return_loss=True, mask=mask).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """A tiny LM, a reward model and a gold model on it, as train_lm.py and train_reward.py leave them."""
     root = tmp_path_factory.mktemp("rounds")
     torch.manual_seed(0)
     palm = PaLM.from_config(PaLMConfig.from_name("tiny"))
+    learn_to_end(palm)
     palm.save(root / "lm")
     RewardModel(palm).save(root / "reward")
     torch.manual_seed(1)
@@ -41,8 +57,8 @@ def stages(tmp_path_factory):
 
 
 def command(stages, out_dir, *more):
-    return [sys.executable, str(ROOT / "train_rounds.py"), "--rounds", "1", "--answers", "6", "--pool_prompts", "8",
-            "--samples", "2", "--ensemble_size", "2", "--raters", "2", "--batch_size", "16",
+    return [sys.executable, str(ROOT / "train_rounds.py"), "--rounds", "1", "--answers", "6", "--pool_prompts", "12",
+            "--samples", "3", "--ensemble_size", "2", "--raters", "2", "--batch_size", "16", "--max_seq_len", "80",
             "--lm_checkpoint", str(stages / "lm"), "--reward_checkpoint", str(stages / "reward"),
             "--policy_checkpoint", str(stages / "lm"), "--gold_checkpoint", str(stages / "gold"),
             "--script_args", SCRIPT_ARGS, "--out_dir", str(out_dir), *more]
