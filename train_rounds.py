@@ -241,11 +241,13 @@ def step_choose(cfg, k: int) -> dict:
 def valid_pairs(candidates: list) -> np.ndarray:
     """(P, C): candidate pairs worth asking about: two different texts (equal ones carry no preference),
     both ended (a response cut at the length limit is scored by RL without its EOS, by people and the
-    reward stage as a whole text)."""
+    reward stage as a whole text) and both with something to read (the app refuses an empty text)."""
     from palm_rlhf.rounds import candidate_pairs
 
     pairs = candidate_pairs(len(candidates[0]["responses"]))
-    return np.array([[c["ended"][i] and c["ended"][j] and c["responses"][i] != c["responses"][j] for i, j in pairs]
+    readable = lambda text: bool(text.strip()) and "\0" not in text  # noqa: E731
+    return np.array([[c["ended"][i] and c["ended"][j] and c["responses"][i] != c["responses"][j]
+                      and readable(c["responses"][i]) and readable(c["responses"][j]) for i, j in pairs]
                      for c in candidates])
 
 
@@ -401,7 +403,8 @@ def main(cfg: TrainRoundsConfig) -> None:
         for step in [cfg.step] if cfg.step else STEPS:
             if not run_step(cfg, k, step):
                 return
-    print(f"\nrounds done; frontier of the last: {round_dir(cfg, rounds[-1]) / 'eval' / 'frontier.csv'}")
+    frontier = round_dir(cfg, rounds[-1]) / "eval" / "frontier.csv"
+    print(f"\nrounds done" + (f"; the last round's frontier: {frontier}" if frontier.is_file() else ""))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     candidates = [dict(prompt="p", responses=["a", "a", "b"], ended=[True, True, True]),
-                  dict(prompt="q", responses=["a", "b", "c"], ended=[True, False, True])]
+                  dict(prompt="q", responses=["a", "b", "c"], ended=[True, False, True]),
+                  dict(prompt="r", responses=["", " ", "c"], ended=[True, True, True])]  # ended at once: nothing to read
     # pairs (0, 1), (0, 2), (1, 2)
-    assert script.valid_pairs(candidates).tolist() == [[False, True, True], [False, True, False]]
+    assert script.valid_pairs(candidates).tolist() == [[False, True, True], [False, True, False], [False, False, False]]
