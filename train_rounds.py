@@ -59,7 +59,7 @@ class TrainRoundsConfig:
     answers: int = setting(2000, "answers collected per round (pairs x --overlap)", at_least=1)
     overlap: int = setting(1, "raters per pair", at_least=1)
     chooser: str = setting("disagreement", "which pairs to ask about", choices=("disagreement", "margin", "uniform"))
-    ensemble_size: int = setting(3, "reward models (seeds) that choose; the first is RL's reward", at_least=1)
+    ensemble_size: int = setting(2, "reward models (seeds) that choose; the first is RL's reward", at_least=1)
     pool_prompts: int = setting(4000, "training prompts sampled per round", at_least=1)
     samples: int = setting(4, "responses per prompt; every pair of them is a candidate", at_least=2)
     per_prompt: int = setting(1, "pairs asked about one prompt, at most", at_least=1)

@@ -109,3 +109,16 @@ def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
                   dict(prompt="r", responses=["", " ", "c"], ended=[True, True, True])]  # ended at once: nothing to read
     # pairs (0, 1), (0, 2), (1, 2)
     assert script.valid_pairs(candidates).tolist() == [[False, True, True], [False, True, False], [False, False, False]]
+
+
+def test_the_rounds_figures_measure_distance_from_the_seeds_frontier(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rounds_figures", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seeds = tmp_path / "frontier.csv"
+    seeds.write_text("name,vader,kl\nLM,0.1,0\nppo@s0,0.3,4\nppo@s1,0.4,6\nppo@s2,0.5,8\n")  # VADER = 0.1 + 0.05 KL
+    a, b, spread = script.seeds_frontier(seeds)
+    assert (a, b) == (pytest.approx(0.1), pytest.approx(0.05)) and spread == pytest.approx(0, abs=1e-9)
