@@ -46,6 +46,7 @@ import numpy as np
 
 from palm_rlhf.config import SettingError, check_settings, parse_config, setting
 from palm_rlhf.data import RATED_SETS, review_prompts
+from palm_rlhf.rl import RLConfig
 
 ROOT = Path(__file__).resolve().parent
 STEPS = ("sample", "choose", "publish", "answer", "export", "reward", "rl", "evaluate")
@@ -74,7 +75,7 @@ class TrainRoundsConfig:
     step: str | None = setting(None, "run only this step of --round", choices=STEPS)
     script_args: str = setting("", "flags for the scripts, as JSON {\"train_reward\": \"--steps 2\", \"train_ppo\": ..., \"train_grpo\": ..., \"evaluate\": ..., \"gold\": ...}")
     batch_size: int = setting(64, "sequences per sampling and scoring batch", at_least=1)
-    max_seq_len: int = setting(48, "as the RL scripts': prompt + response tokens", at_least=2)
+    max_seq_len: int = setting(RLConfig.max_seq_len, "as the RL scripts': prompt + response tokens", at_least=2)
     out_dir: str = setting("runs/rounds", "round_<k>/ folders and the app's data (feedback_data/)")
     seed: int = setting(0, "seed of the prompts drawn, the sampling, the chooser and the crowd")
 
