@@ -23,6 +23,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from palm_rlhf.checkpoint import weights_sharded
@@ -51,6 +52,7 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.any_padding = False
+        self.weights: DecodingWeights | None = None  # set by generate where they pay
         # the rotary tables of every position the cache can hold, built once: a step gathers its rows
         positions = torch.arange(max_len, device=device)[None]
         cos, sin, xpos = rotary_tables(positions, dim_head, xpos_scale_base, dtype)
@@ -93,6 +95,33 @@ class KVCache:
         self.v = self.v.repeat_interleave(repeats, dim=1)
         self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
         self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
+
+
+class DecodingWeights:
+    """Every nn.Linear weight of a bf16 model on a CPU, reordered once per generate call into oneDNN's
+    blocked layout for a batch of `rows` (what torch.compile's weight freezing does for inference).
+    A decoding step multiplies a few rows by every weight, and there the reordered product is up to
+    1.9x faster than nn.Linear's, which reorders the weight on every call (docs/benchmarks.md);
+    the result is bitwise the same (oneDNN computes both). `model.linear` routes a cached forward here."""
+
+    def __init__(self, model, rows: int):
+        self.packed = {module: torch.ops.mkldnn._reorder_linear_weight(module.weight, rows)
+                       for module in model.modules() if type(module) is nn.Linear and module.bias is None}
+
+    @staticmethod
+    def pay(model) -> bool:
+        """True for a bf16 model computing in bf16 on a CPU with oneDNN's bf16 kernels, whole on this
+        process (a sharded weight is gathered per forward, so there is nothing to reorder once)."""
+        weight = model.token_emb.weight
+        return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and activation_dtype(weight) == weight.dtype
+                and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and not weights_sharded(model))
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed.get(module)
+        if packed is None:
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 
@@ -192,6 +221,8 @@ class Decoder:
             self.logits = model(self.seq, mask=self.seq_mask, **scope)[:, -1]
             return
         self.cache = KVCache.for_model(model, prompt.shape[0], prompt.shape[1] + steps)
+        if DecodingWeights.pay(model):
+            self.cache.weights = DecodingWeights(model, prompt.shape[0] * samples)
         self.logits = model(prompt, mask=prompt_mask, cache=self.cache, **scope)[:, -1]  # the prefill
         if samples > 1:  # each prompt's cache serves its samples
             self.cache.repeat_interleave(samples)

@@ -203,6 +203,15 @@ def resolve_attn_backend(flash_attn: bool) -> str:
 # the parallel block
 
 
+def linear(module: nn.Linear, x: torch.Tensor, cache=None) -> torch.Tensor:
+    """module(x), or on a pass that writes a KV cache holding decoding weights (generate.DecodingWeights)
+    the same product from their copy of module's weight."""
+    if cache is None or cache.weights is None:
+        return module(x)
+    return cache.weights.linear(module, x)
+
+
+
 class ParallelBlock(nn.Module):
     def __init__(self, dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout):
         super().__init__()
@@ -220,7 +229,7 @@ class ParallelBlock(nn.Module):
     def forward(self, x, rotary, mask, backend, lora=None, cache=None, layer=0):
         b, n, _ = x.shape
         normed = self.norm(x)
-        qk, v, ff_in, gate = self.fused_in(normed).split(self.split_sizes, dim=-1)
+        qk, v, ff_in, gate = linear(self.fused_in, normed, cache).split(self.split_sizes, dim=-1)
         if lora is not None:
             qk = qk + torch.cat((lora["q"](normed), lora["k"](normed)), dim=-1)
             v = v + lora["v"](normed)
@@ -245,10 +254,10 @@ class ParallelBlock(nn.Module):
         ff_hidden = F.silu(gate) * ff_in  # SwiGLU
         if self.training:
             ff_hidden = F.dropout(ff_hidden, self.ff_dropout)
-        attn_out = self.attn_out(attn)
+        attn_out = linear(self.attn_out, attn, cache)
         if lora is not None:
             attn_out = attn_out + lora["o"](attn)
-        return x + attn_out + self.ff_out(ff_hidden)
+        return x + attn_out + linear(self.ff_out, ff_hidden, cache)
 
 
 ATTEND = {"math": attend_math, "sdpa": attend_sdpa, "flash": attend_flash_attn}
@@ -455,7 +464,7 @@ class PaLM(FinetuneScopes, nn.Module):
         h = self.norm(h)
         if return_only_embedding:
             return h
-        return self.to_logits(h)
+        return linear(self.to_logits, h, cache)
 
     def log_probs(self, seq: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0,
                   finetune_scope: str | None = None, disable_lora: bool = False) -> torch.Tensor:

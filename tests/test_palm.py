@@ -312,3 +312,35 @@ def test_under_bf16_autocast_attention_gets_q_k_v_of_one_dtype(palm, backend, mo
         palm(x, mask=mask)
         palm.generate(12, prompt=x, prompt_mask=mask)  # the KV cache: a prefill, then one-query steps
     assert len(seen) == palm.config.depth * (2 + 4) and set(seen) == {(torch.bfloat16,) * 3}
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="needs oneDNN's bf16 kernels")
+@pytest.mark.parametrize("scope", [None, "lora", "last_layer"])
+def test_bf16_decoding_weights_sample_bitwise_what_nn_linear_samples(scope, monkeypatch):
+    from palm_rlhf import generate as generate_module
+
+    palm = tiny()
+    palm.add_finetune_params("lora", lora_r=4)
+    palm.add_finetune_params("last_layer", last_n_layers=1)
+    with torch.no_grad():
+        for name, weight in palm.named_parameters():
+            if name.endswith(".B"):
+                weight.normal_(std=0.1)  # adapters that change the samples
+    palm = palm.to(torch.bfloat16)
+    prompts = [torch.tensor([104, 105]), torch.tensor([97, 98, 99, 100, 101])]  # left-padded
+    packed_calls = []
+    linear = generate_module.DecodingWeights.linear
+    monkeypatch.setattr(generate_module.DecodingWeights, "linear",
+                        lambda self, module, x: packed_calls.append(module) or linear(self, module, x))
+
+    def sample():
+        return palm.generate(20, prompt=prompts, generator=torch.Generator().manual_seed(2), return_log_probs=True,
+                             num_samples_per_prompt=3, finetune_scope=scope)
+
+    packed = sample()
+    assert len(packed_calls) > 0
+    assert not generate_module.DecodingWeights.pay(tiny())  # fp32 weights keep nn.Linear
+    monkeypatch.setattr(generate_module.DecodingWeights, "pay", staticmethod(lambda model: False))
+    plain = sample()
+    assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
