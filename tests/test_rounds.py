@@ -122,3 +122,22 @@ def test_the_rounds_figures_measure_distance_from_the_seeds_frontier(tmp_path):
     seeds.write_text("name,vader,kl\nLM,0.1,0\nppo@s0,0.3,4\nppo@s1,0.4,6\nppo@s2,0.5,8\n")  # VADER = 0.1 + 0.05 KL
     a, b, spread = script.seeds_frontier(seeds)
     assert (a, b) == (pytest.approx(0.1), pytest.approx(0.05)) and spread == pytest.approx(0, abs=1e-9)
+
+
+def test_a_reward_model_over_seeds_is_summarised_above_the_baselines_line(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rounds_figures", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seeds = tmp_path / "frontier.csv"
+    # round0 on VADER = 0.1 + 0.05 KL; dis1's seeds lie 0.02 and 0.04 above it, at other KLs
+    seeds.write_text("name,vader,gold,kl\nLM,0.1,0,0\nround0@s0,0.3,1,4\nround0@s1,0.5,1,8\n"
+                     "dis1@s0,0.42,2,6\ndis1@s1,0.54,4,8\n")
+    with pytest.raises(SystemExit, match="at least 2 rows named ppo@sS"):
+        script.seeds_frontier(seeds)
+    script.print_seeded(seeds, script.seeds_frontier(seeds, "round0"))
+    dis1 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| dis1 "))
+    # mean above 0.03, SE over the seeds sd(0.02, 0.04) / sqrt(2) = 0.01; gold 3 (sd 1.414)
+    assert dis1 == "| dis1 | 2 | 0.480 (sd 0.085) | 3.000 (sd 1.414) | 7.000 (sd 1.414) | +0.030 ± 0.010 |"
