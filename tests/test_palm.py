@@ -340,7 +340,7 @@ def test_bf16_decoding_weights_sample_bitwise_what_nn_linear_samples(scope, monk
 
     packed = sample()
     assert len(packed_calls) > 0
-    assert not generate_module.DecodingWeights.pay(tiny())  # fp32 weights keep nn.Linear
-    monkeypatch.setattr(generate_module.DecodingWeights, "pay", staticmethod(lambda model: False))
+    assert not generate_module.DecodingWeights.suit(tiny())  # fp32 weights keep nn.Linear
+    monkeypatch.setattr(generate_module.DecodingWeights, "suit", staticmethod(lambda model: False))
     plain = sample()
     assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
