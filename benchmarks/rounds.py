@@ -65,10 +65,16 @@ def print_seeded(path, frontier: tuple) -> None:
     for name, rows in seeded(read_rows(path)).items():
         values = {key: np.array([float(r[key]) for r in rows if r.get(key)]) for key in ("vader", "gold", "kl")}
         above = values["vader"] - frontier[0] - frontier[1] * values["kl"]
-        spread = lambda x: f"{x.mean():.3f} (sd {x.std(ddof=1):.3f})" if len(x) > 1 else (f"{x.mean():.3f}" if len(x) else "")  # noqa: E731
         se = above.std(ddof=1) / np.sqrt(len(above)) if len(above) > 1 else float("nan")
-        print(f"| {name} | {len(rows)} | {spread(values['vader'])} | {spread(values['gold'])} | {spread(values['kl'])} "
+        print(f"| {name} | {len(rows)} | {mean_and_sd(values['vader'])} | {mean_and_sd(values['gold'])} | {mean_and_sd(values['kl'])} "
               f"| {above.mean():+.3f} ± {se:.3f} |")
+
+
+def mean_and_sd(x: np.ndarray) -> str:
+    """'mean (sd s)' over seeds; the mean alone for one seed, nothing for none."""
+    if len(x) == 0:
+        return ""
+    return f"{x.mean():.3f} (sd {x.std(ddof=1):.3f})" if len(x) > 1 else f"{x.mean():.3f}"
 
 
 def main(cfg: RoundsFiguresConfig) -> None:
@@ -76,9 +82,11 @@ def main(cfg: RoundsFiguresConfig) -> None:
     if frontier:
         print(f"seeds' frontier: VADER = {frontier[0]:.3f} + {frontier[1]:.4f} KL (residual sd {frontier[2]:.3f})")
         print_seeded(cfg.seeds, frontier)
-    print("| run | policy | VADER | gold | KL | bits/byte | fragment % | above the frontier |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for folder in filter(None, cfg.rounds.split(",")):
+    folders = [folder for folder in cfg.rounds.split(",") if folder]
+    if folders:
+        print("| run | policy | VADER | gold | KL | bits/byte | fragment % | above the frontier |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for folder in folders:
         evals = sorted(Path(folder).glob("round_*/eval/frontier.csv"), key=lambda p: int(p.parts[-3].split("_")[1]))
         if not evals:
             print(f"{folder}: no evaluated round yet")

@@ -54,7 +54,7 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.any_padding = False
-        self.weights: DecodingWeights | None = None  # set by generate where they pay
+        self.weights: DecodingWeights | None = None  # set by generate where DecodingWeights.suit the model
         # the rotary tables of every position the cache can hold, built once: a step gathers its rows
         positions = torch.arange(max_len, device=device)[None]
         cos, sin, xpos = rotary_tables(positions, dim_head, xpos_scale_base, dtype)
@@ -125,7 +125,6 @@ class DecodingWeights:
         if packed is None:
             return module(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
 
 
 # ---------------------------------------------------------------------------------------------------

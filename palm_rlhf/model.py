@@ -211,7 +211,6 @@ def linear(module: nn.Linear, x: torch.Tensor, cache=None) -> torch.Tensor:
     return cache.weights.linear(module, x)
 
 
-
 class ParallelBlock(nn.Module):
     def __init__(self, dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout):
         super().__init__()

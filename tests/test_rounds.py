@@ -97,13 +97,20 @@ def test_only_valid_pairs_are_chosen_and_counted():
         choose_pairs(scores, 2, "margin", valid=np.array([[False] * 3, [True] * 3]))
 
 
-def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
+def load_script(relative_path: str):
+    """A script of the repository (not a package module), imported by its path."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("train_rounds", Path(__file__).resolve().parents[1] / "train_rounds.py")
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
+    script = load_script("train_rounds.py")
     candidates = [dict(prompt="p", responses=["a", "a", "b"], ended=[True, True, True]),
                   dict(prompt="q", responses=["a", "b", "c"], ended=[True, False, True]),
                   dict(prompt="r", responses=["", " ", "c"], ended=[True, True, True])]  # ended at once: nothing to read
@@ -112,12 +119,7 @@ def test_train_rounds_leaves_out_equal_and_unfinished_pairs():
 
 
 def test_the_rounds_figures_measure_distance_from_the_seeds_frontier(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("rounds_figures", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/rounds.py")
     seeds = tmp_path / "frontier.csv"
     seeds.write_text("name,vader,kl\nLM,0.1,0\nppo@s0,0.3,4\nppo@s1,0.4,6\nppo@s2,0.5,8\n")  # VADER = 0.1 + 0.05 KL
     a, b, spread = script.seeds_frontier(seeds)
@@ -125,12 +127,7 @@ def test_the_rounds_figures_measure_distance_from_the_seeds_frontier(tmp_path):
 
 
 def test_a_reward_model_over_seeds_is_summarised_above_the_baselines_line(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("rounds_figures", Path(__file__).resolve().parents[1] / "benchmarks" / "rounds.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/rounds.py")
     seeds = tmp_path / "frontier.csv"
     # round0 on VADER = 0.1 + 0.05 KL; dis1's seeds lie 0.02 and 0.04 above it, at other KLs
     seeds.write_text("name,vader,gold,kl\nLM,0.1,0,0\nround0@s0,0.3,1,4\nround0@s1,0.5,1,8\n"
